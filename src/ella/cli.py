@@ -1,0 +1,108 @@
+"""``ella`` command line: argument parsing and printing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from . import __version__
+from .errors import EllaError
+from .loading import DEFAULT_BASE, DEFAULT_ELLA_REPO, DEFAULT_LLM, SCHEDULER_ALIASES
+from .sample import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_STEPS
+from .text import DEFAULT_MAX_LENGTH
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ella",
+        description="ELLA: an LLM's language understanding for Stable Diffusion, through a small connector.",
+    )
+    parser.add_argument("--version", action="version", version=f"ella-diffusion {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate images from prompts",
+        description="Generate images; writes PNGs and a JSON sidecar per image with every setting. "
+        "Defaults follow the official inference.py (DPM-Solver++, 50 steps, 512x512, guidance 12, seed 1001).",
+    )
+    gen.add_argument("prompt", nargs="+", help="one or more prompts (dense, detailed prompts are ELLA's strength)")
+    gen.add_argument("--negative", default="", help="negative prompt (default: empty, as released)")
+    gen.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale (lower, e.g. 7, blurs less)")
+    gen.add_argument("--seed", type=int, default=DEFAULT_SEED, help="image k uses seed + k")
+    gen.add_argument("--width", type=int, default=DEFAULT_SIZE)
+    gen.add_argument("--height", type=int, default=DEFAULT_SIZE)
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--out", default="ella-out", help="output directory (default: ./ella-out)")
+    gen.add_argument("--base", default=DEFAULT_BASE, help="diffusers dir, hub id or single .safetensors/.ckpt file")
+    gen.add_argument("--ella", default=DEFAULT_ELLA_REPO, help="official .safetensors, save_pretrained dir, or hub id")
+    gen.add_argument("--llm", default=DEFAULT_LLM, help="any HF encoder / T5 / decoder-only LM (dir or hub id)")
+    gen.add_argument("--llm-layer", type=int, default=None, help="hidden layer to read (default: the last)")
+    gen.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    length = gen.add_mutually_exclusive_group()
+    length.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="fixed mode: pad to this length")
+    length.add_argument("--flexible", action="store_true", help="flexible mode: each prompt at its own length")
+    gen.add_argument(
+        "--scheduler", default="dpm++", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name"
+    )
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .loading import load_pipeline, make_scheduler
+    from .sample import SampleSettings, generate_to_dir
+
+    settings = SampleSettings(
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        num_images=args.num_images,
+    )
+    settings.validate()  # before loading gigabytes of weights
+    for i, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise EllaError(f"prompt {i} is empty: describe the image")
+    if args.scheduler not in SCHEDULER_ALIASES:
+        from diffusers import DDIMScheduler
+
+        make_scheduler(args.scheduler, DDIMScheduler().config)  # unknown name -> error before loading
+    pipe = load_pipeline(
+        args.base,
+        args.ella,
+        args.llm,
+        device=args.device,
+        dtype=args.dtype,
+        llm_dtype=args.dtype,
+        scheduler=args.scheduler,
+        max_length=args.max_length,
+        flexible=args.flexible,
+        hidden_layer=args.llm_layer,
+    )
+    sources = {"base": str(args.base), "ella": str(args.ella), "llm": str(args.llm)}
+    for path in generate_to_dir(pipe, args.prompt, settings, args.out, sources):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except EllaError as err:
+        print(f"ella: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Finding models: hub ids, local directories and single files — and saying clearly what is missing.
+
+Every model this package loads (the base diffusion model, the ELLA connector weights, the LLM) can
+be a hub id, a local directory in the usual layout or a single file. When one is neither on disk
+nor in the Hugging Face cache and the Hub can't be reached, the user gets one paragraph naming it
+and the command that fetches it — never a traceback from deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import EllaError, MissingModelError
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_ELLA_REPO = "QQGYLab/ELLA"
+DEFAULT_ELLA_FILE = "ella-sd1.5-tsc-t5xl.safetensors"
+DEFAULT_LLM = "google/flan-t5-xl"
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+# What to run on a machine with internet, per kind of model; {id} is the hub id asked for.
+FETCH_COMMANDS = {
+    "base model": 'hf download {id} --exclude "*.ckpt" --exclude "*.bin" --exclude "*non_ema*"',
+    "ELLA connector weights": "hf download {id}",
+    "LLM": 'hf download {id} --exclude "*.bin" --exclude "*.h5" --exclude "*.msgpack"',
+}
+FLAGS = {"base model": "--base", "ELLA connector weights": "--ella", "LLM": "--llm"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A crash mid-write then leaves the old file (or nothing), never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def missing_model_message(what: str, ident: str, detail: str = "") -> str:
+    """The one paragraph a user reads when a model can't be found; names it and how to fetch it."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    repo = ident.split(":")[0]
+    if repo.endswith(SINGLE_FILE_SUFFIXES) and repo.count("/") >= 2:
+        repo, _, filename = repo.rpartition("/")
+        fetch = f"hf download {repo} {filename}"
+    else:
+        fetch = FETCH_COMMANDS.get(what, "hf download {id}").format(id=repo)
+    flag = FLAGS.get(what)
+    return (
+        f"Missing {what}: {ident!r} is not a local path and is not in the Hugging Face cache, and the Hub "
+        f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'}. "
+        f"On a machine with internet run `{fetch}` (it fills ~/.cache/huggingface, which you can copy here), "
+        f"or add `--local-dir DIR` to it and pass that directory"
+        + (f" with {flag} DIR" if flag else "")
+        + "."
+        + (f" ({detail})" if detail else "")
+    )
+
+
+def is_local(ident: str | os.PathLike) -> bool:
+    return Path(ident).expanduser().exists()
+
+
+@contextlib.contextmanager
+def loading(what: str, ident: str) -> Iterator[None]:
+    """Turn a loader's failure to *find* a remote model into a MissingModelError paragraph.
+
+    Local paths keep their real errors (a corrupt local file is not "missing"), but get the path
+    named in front so the user knows which of the three models failed.
+    """
+    try:
+        yield
+    except EllaError:
+        raise
+    except Exception as err:  # loaders raise OSError, HfHubHTTPError, ValueError, ... for "not found"
+        if is_local(ident):
+            raise EllaError(f"could not load the {what} from {ident}: {type(err).__name__}: {err}") from err
+        raise MissingModelError(missing_model_message(what, str(ident), f"{type(err).__name__}")) from None
+
+
+def resolve_file(path_or_repo: str | os.PathLike, filename: str | None = None, *, what: str = "file") -> Path:
+    """A local file, ``dir`` + ``filename``, ``repo`` + ``filename`` or ``repo/filename.safetensors``."""
+    local = Path(path_or_repo).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        if filename is None:
+            raise EllaError(f"{local} is a directory; name the file inside it (e.g. {DEFAULT_ELLA_FILE})")
+        if not (local / filename).is_file():
+            raise EllaError(f"{local / filename} does not exist")
+        return local / filename
+    ident = str(path_or_repo)
+    if filename is None and ident.endswith(SINGLE_FILE_SUFFIXES):
+        if ident.count("/") < 2:
+            raise EllaError(f"{ident} does not exist (expected a local file or REPO_OWNER/REPO/FILE.safetensors)")
+        ident, _, filename = ident.rpartition("/")
+    if filename is None:
+        raise EllaError(f"{ident!r} is a hub repo id: name the file too, e.g. {ident}/{DEFAULT_ELLA_FILE}")
+    from huggingface_hub import hf_hub_download
+
+    with loading(what, f"{ident}/{filename}"):
+        return Path(hf_hub_download(ident, filename))
+
+
+def load_connector(ella: str | os.PathLike = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}", torch_dtype=None):
+    """The connector from an official single file, a ``save_pretrained`` directory or the Hub."""
+    from .connector import TimestepAwareSemanticConnector
+
+    local = Path(ella).expanduser()
+    if local.is_dir() and (local / "config.json").is_file():
+        with loading("ELLA connector weights", str(ella)):
+            return TimestepAwareSemanticConnector.from_pretrained(local, dtype=torch_dtype)
+    if str(ella) == DEFAULT_ELLA_REPO:
+        ella = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}"
+    return TimestepAwareSemanticConnector.from_single_file(ella, torch_dtype=torch_dtype)
+
+
+# ----------------------------------------------------------------------------------- schedulers
+
+SCHEDULER_ALIASES = {
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config):
+    """A diffusers scheduler by alias (``dpm++``, ``euler_a`` ...) or class name, on the base's config."""
+    import diffusers
+
+    cls_name, extra = SCHEDULER_ALIASES.get(name, (name, {}))
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not cls_name.endswith("Scheduler"):
+        raise EllaError(
+            f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers class name "
+            "such as EulerDiscreteScheduler"
+        )
+    return cls.from_config(base_config, **extra)
+
+
+# --------------------------------------------------------------------------------- the pipeline
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """fp16 on CUDA (what the release ran), fp32 elsewhere (CPU half precision is slow and lossy)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in table:
+        raise EllaError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_pipeline(
+    base: str | os.PathLike = DEFAULT_BASE,
+    ella: str | os.PathLike = DEFAULT_ELLA_REPO,
+    llm: str | os.PathLike = DEFAULT_LLM,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    llm_dtype: str | torch.dtype | None = None,
+    scheduler: str | None = "dpm++",
+    max_length: int = 128,
+    flexible: bool = False,
+    hidden_layer: int | None = None,
+):
+    """Assemble an :class:`~ella.pipelines.EllaStableDiffusionPipeline` from three independent sources.
+
+    ``base`` is a diffusers directory / hub id or a single ``.safetensors``/``.ckpt`` checkpoint;
+    ``ella`` an official single file, ``save_pretrained`` directory or hub id; ``llm`` any HF
+    encoder or decoder-only LM. The default scheduler is DPM-Solver++ multistep, as in the
+    official ``inference.py``. The CLIP text encoder is not loaded (ELLA replaces it).
+    """
+    from .pipelines import EllaStableDiffusionPipeline
+    from .text import load_llm
+
+    device = device or default_device()
+    dtype = resolve_dtype(dtype, device)
+    # The release ran T5 in fp16 on GPU and was trained on those features; CPU falls back to fp32.
+    llm_dtype = resolve_dtype(llm_dtype, device)
+    connector = load_connector(ella, torch_dtype=dtype)
+    llm_model, llm_tokenizer = load_llm(llm, dtype=llm_dtype)
+    common = dict(
+        connector=connector,
+        llm=llm_model,
+        llm_tokenizer=llm_tokenizer,
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dtype=dtype,
+    )
+    with loading("base model", str(base)):
+        if str(base).endswith(SINGLE_FILE_SUFFIXES):
+            pipe = EllaStableDiffusionPipeline.from_single_file(str(base), **common)
+        else:
+            pipe = EllaStableDiffusionPipeline.from_pretrained(base, **common)
+    pipe.register_to_config(llm_max_length=max_length, llm_flexible=flexible, llm_hidden_layer=hidden_layer)
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return pipe.to(device)

@@ -1,0 +1,147 @@
+"""LLM text features: load any HF language model and turn prompts into ``[B, S, D]`` features + mask.
+
+ELLA's LLM is frozen and runs once per prompt. The release uses Flan-T5-XL's encoder (last hidden
+state, 2048-d) in fp16, and two length policies:
+
+* **fixed** — pad (and truncate) every prompt to 128 tokens; the connector sees all 128 positions,
+  pad positions included (that is what the released weights were trained and run with);
+* **flexible** — no padding: each prompt at its own length. The release loops over prompts for
+  this; we pad the batch and return a mask so the connector ignores the pad tokens instead.
+
+Any encoder (BERT-like), encoder-decoder (T5 family: its encoder) or decoder-only LM works behind
+the same call; ``hidden_layer`` picks an intermediate layer's states instead of the last.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import EllaError
+from .loading import DEFAULT_LLM, loading
+
+DEFAULT_MAX_LENGTH = 128  # release fact: T5 features padded/truncated to 128 tokens
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than the LLM's max length lost its tail."""
+
+
+@dataclass
+class TextFeatures:
+    """LLM features for a batch of prompts.
+
+    ``attention_mask`` ([B, S], 1 = token) is what the *connector* must respect; it is None in
+    fixed mode, where the release lets the connector attend to the pad positions too.
+    """
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    @staticmethod
+    def cat(parts: Sequence["TextFeatures"]) -> "TextFeatures":
+        """Stack feature batches, right-padding to the longest (pads masked out, zeros as features)."""
+        length = max(p.hidden_states.shape[1] for p in parts)
+        if all(p.attention_mask is None for p in parts) and len({p.hidden_states.shape[1] for p in parts}) == 1:
+            return TextFeatures(torch.cat([p.hidden_states for p in parts]))
+        states, masks = [], []
+        for p in parts:
+            b, s, _ = p.hidden_states.shape
+            mask = p.attention_mask if p.attention_mask is not None else p.hidden_states.new_ones(b, s, dtype=torch.long)
+            states.append(torch.nn.functional.pad(p.hidden_states, (0, 0, 0, length - s)))
+            masks.append(torch.nn.functional.pad(mask.long(), (0, length - s)))
+        return TextFeatures(torch.cat(states), torch.cat(masks))
+
+
+def _is_t5_family(config) -> bool:
+    return config.model_type in ("t5", "mt5", "umt5")
+
+
+def load_llm(
+    name_or_path: str | os.PathLike = DEFAULT_LLM,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+):
+    """Load ``(model, tokenizer)``; for encoder-decoder models only the encoder (what ELLA reads)."""
+    import transformers
+
+    with loading("LLM", str(name_or_path)):
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        if _is_t5_family(config):
+            cls = {"t5": transformers.T5EncoderModel, "mt5": transformers.MT5EncoderModel,
+                   "umt5": transformers.UMT5EncoderModel}[config.model_type]
+        elif getattr(config, "is_encoder_decoder", False):
+            raise EllaError(
+                f"{name_or_path}: encoder-decoder model type {config.model_type!r} is not supported; "
+                "use a T5-family model, an encoder (BERT-like) or a decoder-only LM"
+            )
+        else:
+            cls = transformers.AutoModel
+        model = cls.from_pretrained(name_or_path, dtype=dtype)
+    if tokenizer.pad_token is None:  # decoder-only LMs often have none; pads are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    model.requires_grad_(False).eval()
+    return (model.to(device) if device is not None else model), tokenizer
+
+
+def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise EllaError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise EllaError(f"prompt {i} is a {type(p).__name__}, expected a string")
+    return prompts
+
+
+@torch.no_grad()
+def encode_text(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    flexible: bool = False,
+    hidden_layer: int | None = None,
+) -> TextFeatures:
+    """Prompts -> :class:`TextFeatures` (fixed: ``[B, max_length, D]``, no mask; flexible: padded + mask).
+
+    Prompts over ``max_length`` tokens are truncated with a :class:`PromptTruncatedWarning` that says
+    how many tokens each lost — silently dropping the end of a dense prompt is the classic
+    "ELLA ignored half my prompt" bug.
+    """
+    prompts = _check_prompts(prompts)
+    if max_length < 1:
+        raise EllaError(f"max_length must be at least 1, got {max_length}")
+    full = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    for i, ids in enumerate(full):
+        if len(ids) > max_length:
+            warnings.warn(
+                f"prompt {i} has {len(ids)} tokens; the last {len(ids) - max_length} were dropped "
+                f"(max_length={max_length}): {prompts[i][:60]!r}...",
+                PromptTruncatedWarning,
+                stacklevel=2,
+            )
+    tokens = tokenizer(
+        prompts,
+        padding="longest" if flexible else "max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    device = next(model.parameters()).device
+    input_ids = tokens["input_ids"].to(device)
+    mask = tokens["attention_mask"].to(device)
+    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden_layer is not None)
+    states = out.last_hidden_state if hidden_layer is None else out.hidden_states[hidden_layer]
+    return TextFeatures(states, mask if flexible else None)

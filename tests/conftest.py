@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models saved in the real on-disk layouts (see tiny_models.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny_sd15, build_tiny_t5  # noqa: E402
+
+from ella import TimestepAwareSemanticConnector  # noqa: E402
+
+T5_DIM = 16
+UNET_DIM = 32  # the tiny UNet's cross_attention_dim
+
+
+def tiny_connector(seed: int = 0, **overrides) -> TimestepAwareSemanticConnector:
+    """A small TSC whose AdaLN projections are randomised too (they are zero at init, which hides bugs)."""
+    config = dict(width=UNET_DIM, layers=2, heads=4, num_latents=8, input_dim=T5_DIM, time_channel=32, time_embed_dim=24)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = TimestepAwareSemanticConnector(**config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_dir) -> Path:
+    return build_tiny_sd15(tiny_dir / "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tiny_dir) -> Path:
+    return build_tiny_t5(tiny_dir / "flan-t5", d_model=T5_DIM)
+
+
+@pytest.fixture(scope="session")
+def tiny_ella_file(tiny_dir) -> Path:
+    """A connector in the official single-file layout, sized for the tiny UNet and T5."""
+    path = tiny_dir / "ella-tiny.safetensors"
+    tiny_connector(seed=1).save_single_file(path)
+    return path
+
+
+@pytest.fixture()
+def pipe(tiny_sd, tiny_t5, tiny_ella_file):
+    """A fresh fp32 CPU ELLA pipeline loaded through the same code path as the real models."""
+    import warnings
+
+    from ella import load_pipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = load_pipeline(tiny_sd, tiny_ella_file, tiny_t5, device="cpu", dtype="float32")
+    p.set_progress_bar_config(disable=True)
+    return p
