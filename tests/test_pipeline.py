@@ -196,3 +196,17 @@ def test_bad_inputs(pipe):
     # the pipeline is still usable after refused calls: nothing half-installed
     assert pipe._ella_table is None
     assert not pipe.unet._forward_pre_hooks
+
+
+def test_torch_compile_keeps_the_condition_feed(pipe):
+    """``unet.compile()`` runs our hook inside the compiled call; it must not recompile per timestep."""
+    eager = pipe(PROMPT, generator=gen(6), **KW).images
+    pipe.unet.compile()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = pipe(PROMPT, generator=gen(6), **KW).images
+            again = pipe(PROMPT, generator=gen(6), **KW).images
+    finally:
+        torch.compiler.reset()
+    assert np.abs(compiled - eager).max() <= 1e-5
+    assert np.array_equal(compiled, again)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -90,13 +91,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, loading bars, optional-backend notices) is not for CLI users;
+    our own warnings print as one ``ella: warning:`` line each; the sampling progress bar stays."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.formatwarning = lambda message, *args, **kwargs: f"ella: warning: {message}\n"
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     try:
         return {"generate": cmd_generate}[args.command](args)
     except EllaError as err:

@@ -20,7 +20,7 @@ connector outputs once per step. Here instead:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -125,6 +125,9 @@ def feed_conditions(modules: Iterable[nn.Module | None], table: Callable[[], Con
             kwargs["encoder_attention_mask"] = mask
         return tuple(args), kwargs
 
+    # Under ``unet.compile()`` the hooks run inside the compiled call: keep the table lookup (a
+    # Python dict keyed by float(t)) out of the graph, or dynamo recompiles for every timestep.
+    pre_hook = torch.compiler.disable(pre_hook)
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules if m is not None]
     try:
         yield

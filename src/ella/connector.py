@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import nn
 
 from .errors import EllaError
 
-TimestepsLike = Union[torch.Tensor, int, float, Sequence[Union[int, float]]]
+TimestepsLike = Union[torch.Tensor, int, float, Sequence[int | float]]
 
 #: The connector variants of the paper's Table 6 ablation, selectable with ``variant=``.
 #: ``tsc`` is the released model; the others exist to reproduce the ablation (and issue 5).
@@ -322,7 +323,7 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         *,
         torch_dtype: torch.dtype | None = None,
         **config_overrides,
-    ) -> "TimestepAwareSemanticConnector":
+    ) -> TimestepAwareSemanticConnector:
         """Load an official single-file ELLA checkpoint (a local ``.safetensors`` or hub repo + filename).
 
         The config is read from the tensor shapes, so the released SD1.5 file needs no arguments;

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -27,7 +27,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 # What to run on a machine with internet, per kind of model; {id} is the hub id asked for.
 FETCH_COMMANDS = {
-    "base model": 'hf download {id} --exclude "*.ckpt" --exclude "*.bin" --exclude "*non_ema*"',
+    "base model": 'hf download {id} --exclude "v1-5-*" --exclude "*.ckpt" --exclude "*.bin" --exclude "*non_ema*" '
+    '--exclude "*.fp16.*"',
     "ELLA connector weights": "hf download {id}",
     "LLM": 'hf download {id} --exclude "*.bin" --exclude "*.h5" --exclude "*.msgpack"',
 }
@@ -54,7 +55,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def missing_model_message(what: str, ident: str, detail: str = "") -> str:
     """The one paragraph a user reads when a model can't be found; names it and how to fetch it."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     repo = ident.split(":")[0]
     if repo.endswith(SINGLE_FILE_SUFFIXES) and repo.count("/") >= 2:
         repo, _, filename = repo.rpartition("/")
@@ -75,6 +76,33 @@ def missing_model_message(what: str, ident: str, detail: str = "") -> str:
 
 def is_local(ident: str | os.PathLike) -> bool:
     return Path(ident).expanduser().exists()
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def in_cache(ident: str, probe: str) -> bool:
+    """Is hub repo ``ident`` (or ``repo/file.safetensors``) in the local HF cache? No network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if ident.endswith(SINGLE_FILE_SUFFIXES) and ident.count("/") >= 2:
+        ident, _, probe = ident.rpartition("/")
+    try:
+        return isinstance(try_to_load_from_cache(ident, probe), str)
+    except Exception:  # an invalid repo id is not in the cache either
+        return False
+
+
+def check_offline(models: list[tuple[str, str, str]]) -> None:
+    """Offline, name *every* missing model at once (``(what, ident, probe_file)`` triples) before
+    spending minutes loading the others."""
+    if not hub_offline():
+        return
+    missing = [missing_model_message(what, ident) for what, ident, probe in models
+               if not is_local(ident) and not in_cache(ident, probe)]
+    if missing:
+        raise MissingModelError("\n".join(missing))
 
 
 @contextlib.contextmanager
@@ -126,7 +154,15 @@ def load_connector(ella: str | os.PathLike = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA
     if local.is_dir() and (local / "config.json").is_file():
         with loading("ELLA connector weights", str(ella)):
             return TimestepAwareSemanticConnector.from_pretrained(local, dtype=torch_dtype)
-    if str(ella) == DEFAULT_ELLA_REPO:
+    if local.is_dir():  # e.g. the --local-dir of `hf download QQGYLab/ELLA <file>`
+        files = sorted(local.glob("*.safetensors"))
+        if not (local / DEFAULT_ELLA_FILE).is_file() and len(files) != 1:
+            raise EllaError(
+                f"{local} has no config.json and {len(files)} .safetensors files; pass the file itself"
+                + (f" (one of: {', '.join(f.name for f in files[:6])})" if files else "")
+            )
+        ella = local / DEFAULT_ELLA_FILE if (local / DEFAULT_ELLA_FILE).is_file() else files[0]
+    elif str(ella) == DEFAULT_ELLA_REPO:
         ella = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}"
     return TimestepAwareSemanticConnector.from_single_file(ella, torch_dtype=torch_dtype)
 
@@ -206,6 +242,9 @@ def load_pipeline(
 
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)
+    ella_id = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}" if str(ella) == DEFAULT_ELLA_REPO else str(ella)
+    check_offline([("ELLA connector weights", ella_id, DEFAULT_ELLA_FILE), ("LLM", str(llm), "config.json"),
+                   ("base model", str(base), "model_index.json")])
     # The release ran T5 in fp16 on GPU and was trained on those features; CPU falls back to fp32.
     llm_dtype = resolve_dtype(llm_dtype, device)
     connector = load_connector(ella, torch_dtype=dtype)

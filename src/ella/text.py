@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ class TextFeatures:
         return self.hidden_states.shape[0]
 
     @staticmethod
-    def cat(parts: Sequence["TextFeatures"]) -> "TextFeatures":
+    def cat(parts: Sequence[TextFeatures]) -> TextFeatures:
         """Stack feature batches, right-padding to the longest (pads masked out, zeros as features)."""
         length = max(p.hidden_states.shape[1] for p in parts)
         if all(p.attention_mask is None for p in parts) and len({p.hidden_states.shape[1] for p in parts}) == 1:

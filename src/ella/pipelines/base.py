@@ -33,6 +33,25 @@ class EllaMixin:
         self.register_to_config(
             llm_max_length=llm_max_length, llm_flexible=llm_flexible, llm_hidden_layer=llm_hidden_layer
         )
+        self.check_compatible()
+
+    def check_compatible(self) -> None:
+        """Refuse mismatched parts up front (not as a matmul error at the first denoising step)."""
+        connector, unet, llm = self.connector, getattr(self, "unet", None), self.llm
+        if connector is None:
+            return
+        width = connector.config.width
+        if unet is not None and width != unet.config.cross_attention_dim:
+            raise EllaError(
+                f"connector width {width} does not match the UNet's cross_attention_dim "
+                f"{unet.config.cross_attention_dim}: these ELLA weights were made for another base model"
+            )
+        hidden = getattr(getattr(llm, "config", None), "hidden_size", None)
+        if hidden is not None and self.config.llm_hidden_layer is None and hidden != connector.config.input_dim:
+            raise EllaError(
+                f"the LLM's hidden size {hidden} does not match the connector's input_dim "
+                f"{connector.config.input_dim}: use the LLM these ELLA weights were trained with"
+            )
 
     def encode_text(self, prompts: list[str]) -> TextFeatures:
         """LLM features for ``prompts`` with the pipeline's length policy (``llm_max_length``/``llm_flexible``)."""
