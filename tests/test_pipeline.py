@@ -210,3 +210,39 @@ def test_torch_compile_keeps_the_condition_feed(pipe):
         torch.compiler.reset()
     assert np.abs(compiled - eager).max() <= 1e-5
     assert np.array_equal(compiled, again)
+
+
+def tiny_ip_adapter(unet, clip_dim: int = 12, seed: int = 0) -> dict:
+    """An IP-Adapter state dict (the layout diffusers' ``load_ip_adapter`` reads) for the tiny UNet."""
+    gen_ = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    sd = {
+        "image_proj": {
+            "proj.weight": torch.randn(4 * cross, clip_dim, generator=gen_) * 0.3,
+            "proj.bias": torch.zeros(4 * cross),
+            "norm.weight": torch.ones(cross),
+            "norm.bias": torch.zeros(cross),
+        },
+        "ip_adapter": {},
+    }
+    key = 1  # diffusers numbers cross-attention processors 1, 3, 5, ... in attn_processors order
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            attn = unet.get_submodule(name[: -len(".processor")])
+            for proj in ("to_k", "to_v"):
+                shape = getattr(attn, proj).weight.shape
+                sd["ip_adapter"][f"{key}.{proj}_ip.weight"] = torch.randn(shape, generator=gen_) * 0.3
+            key += 2
+    return sd
+
+
+def test_ip_adapter_image_tokens_pass_beside_ours(pipe):
+    plain = pipe(PROMPT, generator=gen(8), **KW).images
+    pipe.load_ip_adapter(tiny_ip_adapter(pipe.unet), subfolder=None, weight_name=None, image_encoder_folder=None)
+    assert type(pipe.unet) is UNet2DConditionModel
+    image_embeds = [torch.cat([torch.zeros(1, 1, 12), torch.randn(1, 1, 12, generator=gen(0)[0])])]  # [neg, pos]
+    with_image = pipe(PROMPT, ip_adapter_image_embeds=image_embeds, generator=gen(8), **KW).images
+    assert np.abs(with_image - plain).max() > 1e-3
+    pipe.set_ip_adapter_scale(0.0)  # image branch off: exactly the ELLA-only image again
+    muted = pipe(PROMPT, ip_adapter_image_embeds=image_embeds, generator=gen(8), **KW).images
+    assert np.abs(muted - plain).max() <= 1e-5
