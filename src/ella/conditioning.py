@@ -37,47 +37,106 @@ class ConditionTable:
     ``timesteps`` is a callable returning the schedule (the scheduler's ``timesteps`` are only
     known once the pipeline has called ``set_timesteps``). A timestep outside it — a custom loop,
     a fractional timestep — is computed on demand and cached, so lookups never fail.
+
+    The per-step lookup is built to cost the denoising loop nothing: when the loop's timestep is
+    an element of the schedule tensor (diffusers iterates over it), its position is read from the
+    tensor's storage offset instead of ``float(t)``, which would wait for the GPU at every step;
+    and each placeholder batch gets its rows gathered once for all timesteps, so a step's
+    condition is a view, launching no kernel.
     """
 
     def __init__(
         self,
         connector: nn.Module,
         features: TextFeatures,
-        timesteps: Callable[[], Iterable[float]] | None = None,
+        timesteps: Callable[[], Iterable[float] | torch.Tensor] | None = None,
     ):
         self.connector = connector
         param = next(connector.parameters())
         self.states = features.hidden_states.to(param.device, param.dtype)
         self.mask = None if features.attention_mask is None else features.attention_mask.to(param.device)
-        self._timesteps = timesteps
-        self._cache: dict[float, torch.Tensor] = {}
+        self._schedule_fn = timesteps
+        self._schedule: torch.Tensor | None = None  # the tensor the loop iterates over
+        self._stack: torch.Tensor | None = None  # [unique timesteps, rows, tokens, width]
+        self._index: dict[float, int] = {}  # timestep value -> position in _stack
+        self._positions: list[int] = []  # schedule position -> position in _stack
+        self._extra: dict[float, torch.Tensor] = {}  # off-schedule timesteps
+        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def rows(self) -> int:
         return self.states.shape[0]
 
     @torch.no_grad()
-    def compute(self, timesteps: Iterable[float]) -> None:
-        """Run the connector for all rows at all ``timesteps`` not yet cached, batched."""
-        todo = sorted({float(t) for t in timesteps} - set(self._cache), reverse=True)
+    def run(self, timesteps: list[float]) -> torch.Tensor:
+        """The connector for all rows at ``timesteps``: ``[len(timesteps), rows, tokens, width]``, batched."""
         per_call = max(1, MAX_ROWS_PER_CALL // self.rows)
-        for start in range(0, len(todo), per_call):
-            chunk = todo[start : start + per_call]
+        outs = []
+        for start in range(0, len(timesteps), per_call):
+            chunk = timesteps[start : start + per_call]
             n = len(chunk)
             t = torch.tensor(chunk, device=self.states.device).repeat_interleave(self.rows)
             mask = None if self.mask is None else self.mask.repeat(n, 1)
             out = self.connector(self.states.repeat(n, 1, 1), t, attention_mask=mask)
-            for i, key in enumerate(chunk):
-                self._cache[key] = out[i * self.rows : (i + 1) * self.rows]
+            outs.append(out.view(n, self.rows, *out.shape[1:]))
+        return torch.cat(outs)
+
+    def precompute(self) -> None:
+        """Run the connector for the whole schedule (once; later calls return at once)."""
+        if self._stack is not None:
+            return
+        schedule = self._schedule_fn() if self._schedule_fn is not None else []
+        if isinstance(schedule, torch.Tensor):
+            self._schedule = schedule
+            keys = [float(x) for x in schedule.reshape(-1).tolist()]  # one device sync per call
+        else:
+            keys = [float(x) for x in schedule]
+        unique = list(dict.fromkeys(keys))
+        self._index = {k: i for i, k in enumerate(unique)}
+        self._positions = [self._index[k] for k in keys]
+        self._stack = self.run(unique) if unique else None
+
+    def _position(self, timestep: torch.Tensor | float) -> int | None:
+        """Position of ``timestep`` in the table, without a device sync for schedule elements."""
+        s = self._schedule
+        if (
+            isinstance(timestep, torch.Tensor)
+            and s is not None
+            and timestep.ndim == 0
+            and s.ndim == 1
+            and s.stride(0) == 1
+            and timestep.device == s.device
+            and timestep.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
+        ):
+            i = timestep.storage_offset() - s.storage_offset()
+            if 0 <= i < len(self._positions):
+                return self._positions[i]
+        return self._index.get(float(timestep))
+
+    def _off_schedule(self, timestep: torch.Tensor | float) -> torch.Tensor:
+        key = float(timestep)
+        if key not in self._extra:
+            self._extra[key] = self.run([key])[0]
+        return self._extra[key]
 
     def condition(self, timestep: torch.Tensor | float, rows: torch.Tensor) -> torch.Tensor:
         """The ``[len(rows), tokens, width]`` condition for one timestep."""
-        if not self._cache and self._timesteps is not None:
-            self.compute(self._timesteps())
-        key = float(timestep)
-        if key not in self._cache:
-            self.compute([key])
-        return self._cache[key][rows]
+        self.precompute()
+        pos = self._position(timestep)
+        table = self._off_schedule(timestep) if pos is None else self._stack[pos]
+        return table[rows]
+
+    def condition_for_placeholder(self, timestep: torch.Tensor | float, placeholder: torch.Tensor) -> torch.Tensor:
+        """:meth:`condition` for the rows a placeholder batch names, gathered once per placeholder."""
+        self.precompute()
+        pos = self._position(timestep)
+        if pos is None:
+            return self._off_schedule(timestep)[placeholder_rows(placeholder)]
+        key = (placeholder.data_ptr(), tuple(placeholder.shape), placeholder.stride())
+        if key not in self._gathered:
+            # keeping the placeholder referenced keeps its address from being reused by another tensor
+            self._gathered[key] = (placeholder, self._stack[:, placeholder_rows(placeholder)])
+        return self._gathered[key][1][pos]
 
     def encoder_attention_mask(self, rows: torch.Tensor) -> torch.Tensor | None:
         """For connectors whose output follows the text (MLP variant), the text mask per sample."""
@@ -89,6 +148,10 @@ class ConditionTable:
 def placeholder_embeds(rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``prompt_embeds`` stand-ins carrying the table row of each sample as their single value."""
     return rows.to(device=device, dtype=torch.float32).view(-1, 1, 1)
+
+
+def placeholder_rows(placeholder: torch.Tensor) -> torch.Tensor:
+    return placeholder[:, 0, 0].round().long()
 
 
 def _is_placeholder(x) -> bool:
@@ -109,18 +172,22 @@ def feed_conditions(modules: Iterable[nn.Module | None], table: Callable[[], Con
         if current is None or not _is_placeholder(ehs):
             return None  # somebody else's call with real embeddings: leave it alone
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        rows = ehs[:, 0, 0].round().long()
-        t = torch.as_tensor(timestep).reshape(-1)
-        if t.numel() > 1 and not bool((t == t[0]).all()):
-            # per-sample timesteps: look each sample up on its own
-            cond = torch.cat([current.condition(ti, rows[i : i + 1]) for i, ti in enumerate(t)])
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
+            t = timestep.reshape(-1)
+            if bool((t == t[0]).all()):
+                cond = current.condition(t[0], placeholder_rows(ehs))
+            else:  # per-sample timesteps: look each sample up on its own
+                rows = placeholder_rows(ehs)
+                cond = torch.cat([current.condition(ti, rows[i : i + 1]) for i, ti in enumerate(t)])
         else:
-            cond = current.condition(t[0], rows)
+            if isinstance(timestep, torch.Tensor) and timestep.ndim:
+                timestep = timestep.reshape(())  # a view: keeps the storage offset _position reads
+            cond = current.condition_for_placeholder(timestep, ehs)
         if in_args:
             args[2] = cond
         else:
             kwargs["encoder_hidden_states"] = cond
-        mask = current.encoder_attention_mask(rows)
+        mask = current.encoder_attention_mask(placeholder_rows(ehs))
         if mask is not None:
             kwargs["encoder_attention_mask"] = mask
         return tuple(args), kwargs
