@@ -59,6 +59,6 @@ def test_chunked_table_equals_one_call(monkeypatch):
 def test_mlp_connector_passes_the_text_mask_to_the_unet():
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0]])
     _, table = table_for(tiny_connector(seed=5, variant="mlp"), [10], mask)
-    assert torch.equal(table.encoder_attention_mask(torch.tensor([2, 0])), mask[[2, 0]])
+    assert torch.equal(table.encoder_attention_mask(placeholder_embeds(torch.tensor([2, 0]), "cpu")), mask[[2, 0]])
     _, tsc_table = table_for(tiny_connector(seed=5), [10], mask)
-    assert tsc_table.encoder_attention_mask(torch.tensor([2, 0])) is None  # 64 latents: no mask
+    assert tsc_table.encoder_attention_mask(placeholder_embeds(torch.tensor([2, 0]), "cpu")) is None  # 64 latents: no mask

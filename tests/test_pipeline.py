@@ -246,3 +246,15 @@ def test_ip_adapter_image_tokens_pass_beside_ours(pipe):
     pipe.set_ip_adapter_scale(0.0)  # image branch off: exactly the ELLA-only image again
     muted = pipe(PROMPT, ip_adapter_image_embeds=image_embeds, generator=gen(8), **KW).images
     assert np.abs(muted - plain).max() <= 1e-5
+
+
+def test_mlp_variant_masks_padding_in_the_unet(pipe):
+    """The MLP connector keeps the text length; in flexible mode the pads must be masked in the UNet."""
+    from conftest import tiny_connector
+
+    pipe.connector = tiny_connector(seed=12, variant="mlp")
+    pipe.register_to_config(llm_flexible=True)
+    prompts = ["a cat", "a red cat sitting on a blue chair next to a green lamp"]
+    batch = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **KW).images
+    alone = pipe(prompts[0], generator=gen(1), **KW).images  # no padding at all
+    assert np.abs(batch[0] - alone[0]).max() <= 1e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ella.errors import EllaError, MissingModelError
-from ella.text import PromptTruncatedWarning, TextFeatures, encode_text, load_llm
+from ella.text import PromptTruncatedWarning, encode_text, load_llm
 
 PROMPTS = ["a red cat sitting on a blue chair", "a green lamp", "two yellow triangles next to a large square"]
 
@@ -68,15 +68,6 @@ def test_decoder_only_lm_and_hidden_layer(tmp_path, tiny_t5):
     n = ref.shape[1]
     assert torch.allclose(layer1.hidden_states[0, :n], ref[0], atol=1e-6)
     assert not torch.allclose(layer1.hidden_states, last.hidden_states)
-
-
-def test_cat_pads_and_masks():
-    a = TextFeatures(torch.ones(1, 3, 4), torch.tensor([[1, 1, 0]]))
-    b = TextFeatures(torch.ones(2, 5, 4))
-    both = TextFeatures.cat([a, b])
-    assert both.hidden_states.shape == (3, 5, 4)
-    assert both.attention_mask.tolist() == [[1, 1, 0, 0, 0], [1] * 5, [1] * 5]
-    assert both.hidden_states[0, 3:].abs().sum() == 0
 
 
 def test_bad_inputs(tiny_t5, tmp_path):

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .loading import load_pipeline, make_scheduler
+    from .loading import load_pipeline, scheduler_class
     from .sample import SampleSettings, generate_to_dir
 
     settings = SampleSettings(
@@ -69,10 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise EllaError(f"prompt {i} is empty: describe the image")
-    if args.scheduler not in SCHEDULER_ALIASES:
-        from diffusers import DDIMScheduler
-
-        make_scheduler(args.scheduler, DDIMScheduler().config)  # unknown name -> error before loading
+    scheduler_class(args.scheduler)  # an unknown name fails here, before loading gigabytes
     pipe = load_pipeline(
         args.base,
         args.ella,

@@ -138,11 +138,11 @@ class ConditionTable:
             self._gathered[key] = (placeholder, self._stack[:, placeholder_rows(placeholder)])
         return self._gathered[key][1][pos]
 
-    def encoder_attention_mask(self, rows: torch.Tensor) -> torch.Tensor | None:
+    def encoder_attention_mask(self, placeholder: torch.Tensor) -> torch.Tensor | None:
         """For connectors whose output follows the text (MLP variant), the text mask per sample."""
         if self.mask is None or not getattr(self.connector, "output_follows_text", False):
-            return None
-        return self.mask[rows]
+            return None  # checked first: the common case costs the step no kernel
+        return self.mask[placeholder_rows(placeholder)]
 
 
 def placeholder_embeds(rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -187,7 +187,7 @@ def feed_conditions(modules: Iterable[nn.Module | None], table: Callable[[], Con
             args[2] = cond
         else:
             kwargs["encoder_hidden_states"] = cond
-        mask = current.encoder_attention_mask(placeholder_rows(ehs))
+        mask = current.encoder_attention_mask(ehs)
         if mask is not None:
             kwargs["encoder_attention_mask"] = mask
         return tuple(args), kwargs

@@ -146,6 +146,11 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str | None = None, *
         return Path(hf_hub_download(ident, filename))
 
 
+def ella_ident(ella: str | os.PathLike) -> str:
+    """``QQGYLab/ELLA`` alone means the released SD1.5 file in it."""
+    return f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}" if str(ella) == DEFAULT_ELLA_REPO else str(ella)
+
+
 def load_connector(ella: str | os.PathLike = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}", torch_dtype=None):
     """The connector from an official single file, a ``save_pretrained`` directory or the Hub."""
     from .connector import TimestepAwareSemanticConnector
@@ -162,8 +167,8 @@ def load_connector(ella: str | os.PathLike = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA
                 + (f" (one of: {', '.join(f.name for f in files[:6])})" if files else "")
             )
         ella = local / DEFAULT_ELLA_FILE if (local / DEFAULT_ELLA_FILE).is_file() else files[0]
-    elif str(ella) == DEFAULT_ELLA_REPO:
-        ella = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}"
+    else:
+        ella = ella_ident(ella)
     return TimestepAwareSemanticConnector.from_single_file(ella, torch_dtype=torch_dtype)
 
 
@@ -183,8 +188,8 @@ SCHEDULER_ALIASES = {
 }
 
 
-def make_scheduler(name: str, base_config):
-    """A diffusers scheduler by alias (``dpm++``, ``euler_a`` ...) or class name, on the base's config."""
+def scheduler_class(name: str) -> tuple[type, dict]:
+    """``(diffusers scheduler class, config overrides)`` for an alias (``dpm++``, ``euler_a`` ...) or class name."""
     import diffusers
 
     cls_name, extra = SCHEDULER_ALIASES.get(name, (name, {}))
@@ -194,6 +199,12 @@ def make_scheduler(name: str, base_config):
             f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers class name "
             "such as EulerDiscreteScheduler"
         )
+    return cls, extra
+
+
+def make_scheduler(name: str, base_config):
+    """The named scheduler on the base model's scheduler config (betas, timestep spacing ...)."""
+    cls, extra = scheduler_class(name)
     return cls.from_config(base_config, **extra)
 
 
@@ -242,8 +253,7 @@ def load_pipeline(
 
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)
-    ella_id = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}" if str(ella) == DEFAULT_ELLA_REPO else str(ella)
-    check_offline([("ELLA connector weights", ella_id, DEFAULT_ELLA_FILE), ("LLM", str(llm), "config.json"),
+    check_offline([("ELLA connector weights", ella_ident(ella), DEFAULT_ELLA_FILE), ("LLM", str(llm), "config.json"),
                    ("base model", str(base), "model_index.json")])
     # The release ran T5 in fp16 on GPU and was trained on those features; CPU falls back to fp32.
     llm_dtype = resolve_dtype(llm_dtype, device)

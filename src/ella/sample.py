@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +36,6 @@ class SampleSettings:
     height: int = DEFAULT_SIZE
     seed: int = DEFAULT_SEED
     num_images: int = 1
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
@@ -95,8 +94,7 @@ def generate_to_dir(pipe, prompts: list[str], settings: SampleSettings, out_dir:
         stem = out_dir / f"{k:03d}-{slug(prompt)}-seed{seed}"
         record = {
             "prompt": prompt,
-            **{k2: v for k2, v in asdict(settings).items() if k2 not in ("seed", "num_images", "extra")},
-            **settings.extra,
+            **{k2: v for k2, v in asdict(settings).items() if k2 not in ("seed", "num_images")},
             "seed": seed,
             "seed_protocol": "torch.Generator(device).manual_seed(seed), one generator per image",
             "scheduler": type(pipe.scheduler).__name__,

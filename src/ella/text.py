@@ -45,20 +45,6 @@ class TextFeatures:
     def __len__(self) -> int:
         return self.hidden_states.shape[0]
 
-    @staticmethod
-    def cat(parts: Sequence[TextFeatures]) -> TextFeatures:
-        """Stack feature batches, right-padding to the longest (pads masked out, zeros as features)."""
-        length = max(p.hidden_states.shape[1] for p in parts)
-        if all(p.attention_mask is None for p in parts) and len({p.hidden_states.shape[1] for p in parts}) == 1:
-            return TextFeatures(torch.cat([p.hidden_states for p in parts]))
-        states, masks = [], []
-        for p in parts:
-            b, s, _ = p.hidden_states.shape
-            mask = p.attention_mask if p.attention_mask is not None else p.hidden_states.new_ones(b, s, dtype=torch.long)
-            states.append(torch.nn.functional.pad(p.hidden_states, (0, 0, 0, length - s)))
-            masks.append(torch.nn.functional.pad(mask.long(), (0, length - s)))
-        return TextFeatures(torch.cat(states), torch.cat(masks))
-
 
 def _is_t5_family(config) -> bool:
     return config.model_type in ("t5", "mt5", "umt5")
