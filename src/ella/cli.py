@@ -37,19 +37,60 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=DEFAULT_SIZE)
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--out", default="ella-out", help="output directory (default: ./ella-out)")
-    gen.add_argument("--base", default=DEFAULT_BASE, help="diffusers dir, hub id or single .safetensors/.ckpt file")
-    gen.add_argument("--ella", default=DEFAULT_ELLA_REPO, help="official .safetensors, save_pretrained dir, or hub id")
-    gen.add_argument("--llm", default=DEFAULT_LLM, help="any HF encoder / T5 / decoder-only LM (dir or hub id)")
-    gen.add_argument("--llm-layer", type=int, default=None, help="hidden layer to read (default: the last)")
-    gen.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
-    length = gen.add_mutually_exclusive_group()
+    add_model_flags(gen)
+    add_bench_parser(sub)
+    return parser
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=DEFAULT_BASE, help="diffusers dir, hub id or single .safetensors/.ckpt file")
+    p.add_argument("--ella", default=DEFAULT_ELLA_REPO, help="official .safetensors, save_pretrained dir, or hub id")
+    p.add_argument("--llm", default=DEFAULT_LLM, help="any HF encoder / T5 / decoder-only LM (dir or hub id)")
+    p.add_argument("--llm-layer", type=int, default=None, help="hidden layer to read (default: the last)")
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    length = p.add_mutually_exclusive_group()
     length.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="fixed mode: pad to this length")
     length.add_argument("--flexible", action="store_true", help="flexible mode: each prompt at its own length")
-    gen.add_argument(
-        "--scheduler", default="dpm++", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name"
+    p.add_argument("--scheduler", default="dpm++", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name")
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: DPG-Bench and DSG-1k")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    dpg = bench_sub.add_parser("dpg", help="DPG-Bench / DSG-1k: generate grids, score them with a VQA model, compare")
+    dpg_sub = dpg.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    gen = dpg_sub.add_parser(
+        "generate",
+        help="one 2x2 grid <item_id>.png per prompt (resumable; shard with `accelerate launch`)",
+        description="Tile k uses seed + k. Finished items are skipped; run under `accelerate launch` to shard.",
     )
-    return parser
+    gen.add_argument("--out", required=True, help="image folder (a manifest.json is written beside the images)")
+    gen.add_argument("--benchmark", default="dpg", choices=["dpg", "dsg1k"])
+    gen.add_argument("--pipeline", default="ella", choices=["ella", "plain"], help="ours, or plain diffusers SD")
+    gen.add_argument("--seed", type=int, default=0, help="tile k of every item uses seed + k")
+    gen.add_argument("--tile-size", type=int, default=512)
+    gen.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    gen.add_argument("--negative", default="")
+    gen.add_argument("--limit", type=int, default=None, help="only the first N items (smoke runs)")
+    add_model_flags(gen)
+
+    score = dpg_sub.add_parser("score", help="score a grid folder with the official protocol (fixed defects)")
+    score.add_argument("images", help="folder of <item_id>.png 2x2 grids")
+    score.add_argument("--csv", default=None, help="dpg_bench.csv (DPG-Bench; DSG-1k's file is packaged)")
+    score.add_argument("--benchmark", default="dpg", choices=["dpg", "dsg1k"])
+    score.add_argument("--vqa", default="mplug", help="mplug (official), blip[:ID], vlm:ID, mplug:ID")
+    score.add_argument("--official-compat", action="store_true", help="reproduce the official script's defects")
+    score.add_argument("--tiles", type=int, default=4, choices=[1, 2, 3, 4], help="tiles per grid to score")
+    score.add_argument("--cache", default=None, help="VQA answer cache folder (default: IMAGES/.vqa-cache)")
+    score.add_argument("--out", default=None, help="report folder (default: IMAGES/report)")
+    score.add_argument("--device", default=None)
+
+    cmp = dpg_sub.add_parser("compare", help="two report.json files side by side, with deltas")
+    cmp.add_argument("a")
+    cmp.add_argument("b")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -88,6 +129,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run as bench_run
+
+    return {"generate": bench_run.generate, "score": bench_run.score, "compare": bench_run.compare}[args.action](args)
+
+
 def quiet_libraries() -> None:
     """Library chatter (deprecations, loading bars, optional-backend notices) is not for CLI users;
     our own warnings print as one ``ella: warning:`` line each; the sampling progress bar stays."""
@@ -111,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     quiet_libraries()
     try:
+        if args.command == "bench":
+            return cmd_bench(args)
         return {"generate": cmd_generate}[args.command](args)
     except EllaError as err:
         print(f"ella: error: {err}", file=sys.stderr)

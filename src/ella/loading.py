@@ -31,8 +31,9 @@ FETCH_COMMANDS = {
     '--exclude "*.fp16.*"',
     "ELLA connector weights": "hf download {id}",
     "LLM": 'hf download {id} --exclude "*.bin" --exclude "*.h5" --exclude "*.msgpack"',
+    "VQA model": 'hf download {id} --exclude "*.bin" --exclude "*.h5"',
 }
-FLAGS = {"base model": "--base", "ELLA connector weights": "--ella", "LLM": "--llm"}
+FLAGS = {"base model": "--base", "ELLA connector weights": "--ella", "LLM": "--llm", "VQA model": "--vqa blip:"}
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ def missing_model_message(what: str, ident: str, detail: str = "") -> str:
         f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'}. "
         f"On a machine with internet run `{fetch}` (it fills ~/.cache/huggingface, which you can copy here), "
         f"or add `--local-dir DIR` to it and pass that directory"
-        + (f" with {flag} DIR" if flag else "")
+        + (f" with {flag}{'' if flag.endswith(':') else ' '}DIR" if flag else "")
         + "."
         + (f" ({detail})" if detail else "")
     )
@@ -228,6 +229,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+def load_base(pipeline_cls, base: str | os.PathLike, scheduler: str | None, **components):
+    """``pipeline_cls`` from a diffusers dir / hub id or a single checkpoint file, with ``scheduler``."""
+    with loading("base model", str(base)):
+        if str(base).endswith(SINGLE_FILE_SUFFIXES):
+            pipe = pipeline_cls.from_single_file(str(base), **components)
+        else:
+            pipe = pipeline_cls.from_pretrained(base, **components)
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return pipe
+
+
 def load_pipeline(
     base: str | os.PathLike = DEFAULT_BASE,
     ella: str | os.PathLike = DEFAULT_ELLA_REPO,
@@ -270,12 +283,24 @@ def load_pipeline(
         requires_safety_checker=False,
         dtype=dtype,
     )
-    with loading("base model", str(base)):
-        if str(base).endswith(SINGLE_FILE_SUFFIXES):
-            pipe = EllaStableDiffusionPipeline.from_single_file(str(base), **common)
-        else:
-            pipe = EllaStableDiffusionPipeline.from_pretrained(base, **common)
+    pipe = load_base(EllaStableDiffusionPipeline, base, scheduler, **common)
     pipe.register_to_config(llm_max_length=max_length, llm_flexible=flexible, llm_hidden_layer=hidden_layer)
-    if scheduler:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return pipe.to(device)
+
+
+def load_plain_pipeline(
+    base: str | os.PathLike = DEFAULT_BASE,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    scheduler: str | None = "dpm++",
+):
+    """The plain diffusers baseline (CLIP text encoder), loaded like :func:`load_pipeline` loads ours."""
+    from diffusers import StableDiffusionPipeline
+
+    device = device or default_device()
+    dtype = resolve_dtype(dtype, device)
+    check_offline([("base model", str(base), "model_index.json")])
+    pipe = load_base(StableDiffusionPipeline, base, scheduler, safety_checker=None, feature_extractor=None,
+                     requires_safety_checker=False, dtype=dtype)
     return pipe.to(device)

@@ -1,0 +1,1 @@
+"""DPG-Bench and DSG-1k: generation, VQA backends, scoring, reports."""
