@@ -312,3 +312,14 @@ def test_transformers_vlm_end_to_end(tmp_path):
     assert [vqa(im, q) for im, q in zip(images, questions)] == answers
     plain = TransformersVLM(path, device="cpu", prompt_template="Q: {question}")
     assert plain.name.endswith("|Q: {question}")  # another prompt, another cache
+
+
+def test_cache_writers_share_answers(tmp_path):
+    """Processes of a sharded run append to their own files and read each other's."""
+    first = CachedVQA(FakeVQA({"q": "yes"}), tmp_path, writer="rank0")
+    first.batch(tiles(1), ["q"])
+    second = CachedVQA(FakeVQA({"q": "no"}), tmp_path, writer="rank1")
+    assert second.batch(tiles(1), ["q"]) == ["yes"] and second.misses == 0
+    second.batch(tiles(2)[1:], ["q"])
+    assert sorted(p.name.split(".")[-2] for p in tmp_path.glob("*.jsonl")) == ["rank0", "rank1"]
+    assert len(CachedVQA(FakeVQA(), tmp_path)) == 2

@@ -13,10 +13,13 @@ from pathlib import Path
 from ..errors import EllaError
 
 
-def _state():
+def _state(device: str | None):
+    """This process's rank/world (from ``accelerate launch`` or ``torchrun``); CPU runs need ``cpu=True``
+    for accelerate to see a multi-process CPU launch."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=(device or "").startswith("cpu") or not torch.cuda.is_available())
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -30,7 +33,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.limit is not None:
         keep = sorted(prompts, key=item_sort_key)[: args.limit]
         prompts = {k: prompts[k] for k in keep}
-    state = _state()
+    state = _state(args.device)
     device = args.device or str(state.device)
     if args.pipeline == "plain":
         pipe = load_plain_pipeline(args.base, device=device, dtype=args.dtype, scheduler=args.scheduler)
@@ -65,9 +68,10 @@ def score(args: argparse.Namespace) -> int:
     if not images.is_dir():
         raise EllaError(f"{images} is not a folder of <item_id>.png grids")
     bench = load_benchmark(args.benchmark, args.csv, official_compat=args.official_compat)
-    state = _state()
+    state = _state(args.device)
     vqa = CachedVQA(load_vqa(args.vqa, device=args.device or str(state.device)),
-                    Path(args.cache) if args.cache else images / ".vqa-cache")
+                    Path(args.cache) if args.cache else images / ".vqa-cache",
+                    writer=f"rank{state.process_index}" if state.num_processes > 1 else "")
     ids = shard_items(list(bench.questions), state.process_index, state.num_processes)
     items, errors = score_items(bench, images, vqa, official_compat=args.official_compat, tiles=args.tiles,
                                 item_ids=ids, progress=state.is_main_process)

@@ -283,35 +283,38 @@ class CachedVQA(VQABackend):
 
     One append-only JSONL file per backend in ``cache_dir``, loaded at start and appended (flushed
     and fsynced) after every ``flush_every`` answers, so a crash loses at most those. A line cut
-    short by a crash is dropped. Only cache misses reach the backend.
+    short by a crash is dropped. Only cache misses reach the backend. Concurrent processes pass
+    distinct ``writer`` names: each appends to its own file and reads everyone's.
     """
 
-    def __init__(self, backend: VQA, cache_dir: str | os.PathLike, name: str | None = None, flush_every: int = 64):
+    def __init__(self, backend: VQA, cache_dir: str | os.PathLike, name: str | None = None, flush_every: int = 64,
+                 writer: str = ""):
         self.backend, self.flush_every = backend, flush_every
         self.name = name or getattr(backend, "name", None)
         if not self.name:
             raise EllaError("CachedVQA needs a backend with a `name` (or pass name=...): it keys the cache")
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)[-80:]
-        self.path = Path(cache_dir) / f"{slug}-{hashlib.sha256(self.name.encode()).hexdigest()[:10]}.jsonl"
+        stem = f"{slug}-{hashlib.sha256(self.name.encode()).hexdigest()[:10]}"
+        self.path = Path(cache_dir) / f"{stem}{'.' + writer if writer else ''}.jsonl"
+        self._pattern = f"{stem}*.jsonl"
         self.hits = self.misses = 0
         self._answers: dict[tuple[str, str], str] = {}
         self._valid_bytes: int | None = None  # where a crash-truncated tail starts, if there is one
         self._load()
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a crash mid-write: drop the partial line (and cut it off before appending)
-            self._valid_bytes = end
-        for number, line in enumerate(data[:end].splitlines(), 1):
-            try:
-                row = json.loads(line)
-                if row["backend"] == self.name:
-                    self._answers[row["image"], row["question"]] = row["answer"]
-            except (ValueError, KeyError, TypeError):
-                warnings.warn(f"{self.path}:{number}: skipping an unreadable VQA cache line", stacklevel=2)
+        for path in sorted(self.path.parent.glob(self._pattern)):
+            data = path.read_bytes()
+            end = data.rfind(b"\n") + 1
+            if end < len(data) and path == self.path:  # a crash mid-write: cut the partial line before appending
+                self._valid_bytes = end
+            for number, line in enumerate(data[:end].splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                    if row["backend"] == self.name:
+                        self._answers[row["image"], row["question"]] = row["answer"]
+                except (ValueError, KeyError, TypeError):
+                    warnings.warn(f"{path}:{number}: skipping an unreadable VQA cache line", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self._answers)
