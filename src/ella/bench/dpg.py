@@ -35,6 +35,11 @@ from .vqa import ask_batch
 TILE_ORDER = "top-left, top-right, bottom-left, bottom-right"
 
 
+def is_yes(answer: str, official_compat: bool) -> float:
+    """1.0 for a yes: exact ``== "yes"`` as the official script, or after strip/lowercase (ours)."""
+    return float(answer == "yes" if official_compat else answer.strip().lower() == "yes")
+
+
 def split_grid(grid: Image.Image, tiles: int = 4) -> list[Image.Image]:
     """The first ``tiles`` of a 2x2 grid, in the official order."""
     w, h = grid.size
@@ -60,11 +65,10 @@ def score_item(benchmark: Benchmark, item_id: str, image_path: Path, vqa: Callab
         crops = split_grid(grid.convert("RGB"), tiles)
     asked = [(crop, q.question) for crop in crops for q in questions]
     answers = ask_batch(vqa, [a[0] for a in asked], [a[1] for a in asked], normalize=not official_compat)
-    is_yes = (lambda a: a == "yes") if official_compat else (lambda a: a.strip().lower() == "yes")
     per_tile, tile_scores = [], []
     for t in range(len(crops)):
         tile_answers = answers[t * len(questions) : (t + 1) * len(questions)]
-        scores = {q.proposition_id: float(is_yes(a)) for q, a in zip(questions, tile_answers)}
+        scores = {q.proposition_id: is_yes(a, official_compat) for q, a in zip(questions, tile_answers)}
         for q in questions:  # CSV order; a parent zeroed earlier in this loop counts as 0
             for parent in q.parents:
                 if parent == 0:
@@ -81,15 +85,14 @@ def score_item(benchmark: Benchmark, item_id: str, image_path: Path, vqa: Callab
 
 def aggregate(benchmark: Benchmark, items: dict[str, dict], errors: list[dict], *, official_compat: bool) -> dict:
     """Overall and category scores from per-item records (what sharded runs gather and merge)."""
-    is_yes = (lambda a: a == "yes") if official_compat else (lambda a: a.strip().lower() == "yes")
     l1, l2 = defaultdict(list), defaultdict(list)
     for item_id, record in items.items():
         # defect 2 reproduced: the official counts only the last tile's answers per category
         tiles = record["answers"][-1:] if official_compat else record["answers"]
         for tile_answers in tiles:
             for q, answer in zip(benchmark.questions[item_id], tile_answers):
-                l1[q.category].append(float(is_yes(answer)))
-                l2[q.subcategory].append(float(is_yes(answer)))
+                l1[q.category].append(is_yes(answer, official_compat))
+                l2[q.subcategory].append(is_yes(answer, official_compat))
     mean = lambda xs: 100.0 * sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {
         "benchmark": benchmark.name,
