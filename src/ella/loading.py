@@ -33,7 +33,8 @@ FETCH_COMMANDS = {
     "LLM": 'hf download {id} --exclude "*.bin" --exclude "*.h5" --exclude "*.msgpack"',
     "VQA model": 'hf download {id} --exclude "*.bin" --exclude "*.h5"',
 }
-FLAGS = {"base model": "--base", "ELLA connector weights": "--ella", "LLM": "--llm", "VQA model": "--vqa blip:"}
+FLAGS = {"base model": "--base DIR", "ELLA connector weights": "--ella DIR", "LLM": "--llm DIR",
+         "VQA model": "--vqa blip:DIR (or vlm:DIR)"}
 
 
 @contextlib.contextmanager
@@ -54,12 +55,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def split_repo_file(ident: str) -> tuple[str, str | None]:
+    """``owner/repo/file.safetensors`` -> ``("owner/repo", "file.safetensors")``; anything else -> ``(ident, None)``."""
+    if ident.endswith(SINGLE_FILE_SUFFIXES) and ident.count("/") >= 2:
+        repo, _, filename = ident.rpartition("/")
+        return repo, filename
+    return ident, None
+
+
 def missing_model_message(what: str, ident: str, detail: str = "") -> str:
     """The one paragraph a user reads when a model can't be found; names it and how to fetch it."""
     offline = hub_offline()
-    repo = ident.split(":")[0]
-    if repo.endswith(SINGLE_FILE_SUFFIXES) and repo.count("/") >= 2:
-        repo, _, filename = repo.rpartition("/")
+    repo, filename = split_repo_file(ident.split(":")[0])
+    if filename:
         fetch = f"hf download {repo} {filename}"
     else:
         fetch = FETCH_COMMANDS.get(what, "hf download {id}").format(id=repo)
@@ -69,7 +77,7 @@ def missing_model_message(what: str, ident: str, detail: str = "") -> str:
         f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'}. "
         f"On a machine with internet run `{fetch}` (it fills ~/.cache/huggingface, which you can copy here), "
         f"or add `--local-dir DIR` to it and pass that directory"
-        + (f" with {flag}{'' if flag.endswith(':') else ' '}DIR" if flag else "")
+        + (f" with {flag}" if flag else "")
         + "."
         + (f" ({detail})" if detail else "")
     )
@@ -87,10 +95,9 @@ def in_cache(ident: str, probe: str) -> bool:
     """Is hub repo ``ident`` (or ``repo/file.safetensors``) in the local HF cache? No network."""
     from huggingface_hub import try_to_load_from_cache
 
-    if ident.endswith(SINGLE_FILE_SUFFIXES) and ident.count("/") >= 2:
-        ident, _, probe = ident.rpartition("/")
+    ident, filename = split_repo_file(ident)
     try:
-        return isinstance(try_to_load_from_cache(ident, probe), str)
+        return isinstance(try_to_load_from_cache(ident, filename or probe), str)
     except Exception:  # an invalid repo id is not in the cache either
         return False
 
@@ -136,9 +143,9 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str | None = None, *
         return local / filename
     ident = str(path_or_repo)
     if filename is None and ident.endswith(SINGLE_FILE_SUFFIXES):
-        if ident.count("/") < 2:
+        ident, filename = split_repo_file(ident)
+        if filename is None:
             raise EllaError(f"{ident} does not exist (expected a local file or REPO_OWNER/REPO/FILE.safetensors)")
-        ident, _, filename = ident.rpartition("/")
     if filename is None:
         raise EllaError(f"{ident!r} is a hub repo id: name the file too, e.g. {ident}/{DEFAULT_ELLA_FILE}")
     from huggingface_hub import hf_hub_download
