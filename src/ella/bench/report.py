@@ -10,10 +10,10 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from ella.errors import EllaError
+from ella.loading import atomic_path
 
 # Published DPG-Bench overall scores, for context only (no per-category numbers are copied).
 # SD1.5 .. DALL-E 3: ELLA paper (Hu et al., 2024, arXiv:2403.05135), Table 4.
@@ -94,15 +94,9 @@ def to_markdown(result: dict) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same dir + os.replace, so an interrupted run never leaves a truncated report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """An interrupted run never leaves a truncated report (the project's atomic_path: temp + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _bar_chart(result: dict, path: Path) -> None:
