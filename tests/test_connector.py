@@ -139,15 +139,42 @@ def test_mask_equals_per_prompt_runs():
 
 
 def test_single_file_roundtrip_reads_config_from_shapes(tmp_path):
+    from safetensors.torch import save_file
+
     model = tiny_connector(seed=6)
     path = tmp_path / "c.safetensors"
-    model.save_single_file(path)
+    save_file(dict(model.state_dict()), str(path))  # like the release: tensors only, no config metadata
     loaded = TimestepAwareSemanticConnector.from_single_file(path, heads=4)
     for key in ("width", "layers", "num_latents", "input_dim", "time_channel", "time_embed_dim"):
         assert loaded.config[key] == model.config[key]
     assert loaded.config.text_feature_dtype == "float16"  # release weights saw fp16 T5 features
     x = torch.randn(2, 4, 16)
     assert torch.equal(loaded(x, 321), model(x, 321))
+
+
+def test_single_file_carries_our_config_for_every_variant(tmp_path):
+    """Files we write restore non-default variants, head counts and the SDXL pooling head from one file."""
+    x = torch.randn(2, 6, 16)
+    for variant in ("tsc_adaln_zero", "resampler", "mlp"):
+        model = tiny_connector(seed=8, variant=variant, heads=2, pooled_dim=12)
+        model.save_single_file(tmp_path / f"{variant}.safetensors")
+        loaded = TimestepAwareSemanticConnector.from_single_file(tmp_path / f"{variant}.safetensors")
+        assert (loaded.config.variant, loaded.config.heads, loaded.config.pooled_dim) == (variant, 2, 12)
+        out = model(x, 40)
+        assert torch.equal(loaded(x, 40), out)
+        assert torch.equal(loaded.pool(out), model.pool(out))
+        assert model.pool(out).shape == (2, 12)
+
+
+def test_pooled_dim_is_read_from_release_style_files(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_connector(seed=9, pooled_dim=20)
+    save_file(dict(model.state_dict()), str(tmp_path / "c.safetensors"))
+    loaded = TimestepAwareSemanticConnector.from_single_file(tmp_path / "c.safetensors", heads=4)
+    assert loaded.config.pooled_dim == 20
+    with pytest.raises(ValueError, match="no pooling head"):
+        tiny_connector().pool(torch.randn(1, 8, 32))
 
 
 def test_save_pretrained_roundtrip_every_variant(tmp_path):

@@ -17,12 +17,19 @@ Summary of what is built (see the builders' docstrings for details):
   (32), the VAE scale factor is 8 exactly as in SD 1.5, the UNet
   ``sample_size`` is 8 (default image size 64x64), and any height/width that
   is a multiple of 8 works (e.g. 32, 40, 64).
+* ``build_tiny_sdxl``: SDXL-base-1.0-layout ``StableDiffusionXLPipeline``
+  directory (two CLIP text encoders, ``text_time`` added conditioning).
+  ``cross_attention_dim`` is ``TINY_SDXL_CROSS_ATTENTION_DIM`` (48 = 16 + 32,
+  the two encoders' hidden sizes concatenated), the pooled text embedding
+  (``text_encoder_2``'s ``projection_dim``) is ``TINY_SDXL_POOLED_DIM`` (16),
+  ``addition_time_embed_dim`` is ``TINY_SDXL_TIME_EMBED_DIM`` (8); VAE scale
+  factor 8 and default image size 64x64 as for the tiny SD 1.5.
 * ``build_tiny_t5``: flan-T5-layout directory loadable with
   ``T5EncoderModel.from_pretrained`` and ``AutoTokenizer.from_pretrained``;
   hidden size ``d_model`` (16 by default).
 
-Run ``python tests/tiny_models.py OUT_DIR`` to build both into
-``OUT_DIR/sd15`` and ``OUT_DIR/flan-t5``.
+Run ``python tests/tiny_models.py OUT_DIR`` to build all three into
+``OUT_DIR/sd15``, ``OUT_DIR/sdxl`` and ``OUT_DIR/flan-t5``.
 """
 
 from __future__ import annotations
@@ -42,12 +49,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "TINY_SD15_CROSS_ATTENTION_DIM",
-    "TINY_SD15_VAE_SCALE_FACTOR",
-    "TINY_SD15_SAMPLE_SIZE",
     "TINY_CLIP_MAX_LENGTH",
+    "TINY_SD15_CROSS_ATTENTION_DIM",
+    "TINY_SD15_SAMPLE_SIZE",
+    "TINY_SD15_VAE_SCALE_FACTOR",
+    "TINY_SDXL_CROSS_ATTENTION_DIM",
+    "TINY_SDXL_POOLED_DIM",
+    "TINY_SDXL_TIME_EMBED_DIM",
     "build_tiny_clip_tokenizer",
     "build_tiny_sd15",
+    "build_tiny_sdxl",
     "build_tiny_t5",
     "build_tiny_t5_tokenizer",
 ]
@@ -60,6 +71,14 @@ TINY_SD15_VAE_SCALE_FACTOR = 8
 TINY_SD15_SAMPLE_SIZE = 8
 #: CLIP ``model_max_length`` / ``max_position_embeddings``, as in SD 1.5.
 TINY_CLIP_MAX_LENGTH = 77
+#: Hidden sizes of the tiny SDXL ``text_encoder`` / ``text_encoder_2`` (768 / 1280 in SDXL).
+_TINY_SDXL_TEXT_DIMS = (16, 32)
+#: UNet ``cross_attention_dim`` of the tiny SDXL: both encoders' hidden states concatenated (2048 in SDXL).
+TINY_SDXL_CROSS_ATTENTION_DIM = sum(_TINY_SDXL_TEXT_DIMS)
+#: ``text_encoder_2.config.projection_dim`` == size of the pooled ``text_embeds`` (1280 in SDXL).
+TINY_SDXL_POOLED_DIM = 16
+#: UNet ``addition_time_embed_dim`` (256 in SDXL); 6 time ids are each embedded to this size.
+TINY_SDXL_TIME_EMBED_DIM = 8
 
 # Word list the tiny tokenizers are built from: typical text-to-image prompt
 # vocabulary.  Words outside it still tokenize (CLIP: byte-level BPE pieces;
@@ -97,7 +116,7 @@ close closeup shot angle wide lens camera digital oil watercolor canvas
 anime cartoon fantasy science fiction futuristic vintage retro modern
 ancient medieval magical mysterious peaceful quiet busy crowded empty
 trending artstation unreal engine octane 4k 8k hd
-""".split()
+""".split()  # noqa: SIM905
 
 _CLIP_BOS = "<|startoftext|>"
 _CLIP_EOS = "<|endoftext|>"
@@ -371,6 +390,185 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
 
 
 # --------------------------------------------------------------------------- #
+# Stable Diffusion XL                                                         #
+# --------------------------------------------------------------------------- #
+def _build_tiny_clip_tokenizer_2(path: Path) -> Path:
+    """The tiny CLIP tokenizer in SDXL's ``tokenizer_2/`` layout.
+
+    Same four files and vocab as :func:`build_tiny_clip_tokenizer`; the only
+    difference is the one the real ``stabilityai/stable-diffusion-xl-base-1.0``
+    has between its two tokenizers: ``tokenizer_2`` (OpenCLIP ViT-bigG) pads
+    with ``"!"`` (id 0) instead of ``<|endoftext|>``.
+    """
+    path = build_tiny_clip_tokenizer(path)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = json.loads((path / name).read_text(encoding="utf-8"))
+        data["pad_token"] = "!"
+        (path / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion XL base pipeline to ``path`` and return it.
+
+    Why: tests of SDXL-style code (two text encoders, pooled text embedding,
+    ``text_time`` added conditioning) must exercise the real
+    ``StableDiffusionXLPipeline.from_pretrained`` /
+    ``UNet2DConditionModel.from_pretrained(path, subfolder="unet")`` loading
+    path with no hub access and no real weights.  The directory is written by
+    ``StableDiffusionXLPipeline.save_pretrained(safe_serialization=True)`` so
+    it has ``stabilityai/stable-diffusion-xl-base-1.0``'s layout:
+    ``model_index.json`` and ``unet/``, ``vae/``, ``text_encoder/``,
+    ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``, ``scheduler/`` (no
+    image encoder / feature extractor; ``force_zeros_for_empty_prompt=True``).
+
+    Tiny configuration (SDXL's real values in brackets):
+
+    * UNet: ``block_out_channels=(32, 64)``, one layer per block,
+      ``DownBlock2D/CrossAttnDownBlock2D`` + ``CrossAttnUpBlock2D/UpBlock2D``
+      (SDXL's pattern: no attention at the highest resolution),
+      ``transformer_layers_per_block=1``, ``attention_head_dim=(2, 4)`` (in
+      diffusers this is the number of heads: head size 16 in both blocks),
+      ``use_linear_projection=True``, ``norm_num_groups=8``,
+      ``sample_size=8``, 4 in/out channels.
+      ``cross_attention_dim=48`` [2048] = 16 + 32, the two text encoders'
+      penultimate hidden states concatenated; ``addition_embed_type="text_time"``,
+      ``addition_time_embed_dim=8`` [256] and
+      ``projection_class_embeddings_input_dim = 16 + 6 * 8 = 64``
+      [1280 + 6 * 256 = 2816]: pooled text embedding + 6 time ids (original
+      size, crop top-left, target size).
+    * VAE: the tiny SD 1.5 ``AutoencoderKL`` (4 blocks of 8 channels,
+      ``vae_scale_factor == 8``, ``latent_channels=4``) with SDXL's
+      ``scaling_factor=0.13025`` and ``force_upcast=True``.  Default image
+      size is ``8 * 8 = 64``; any multiple of 8 works.
+    * ``text_encoder``: ``CLIPTextModel``, hidden size 16 [768], 2 layers,
+      2 heads, intermediate size 37, 77 positions, ``quick_gelu``.
+    * ``text_encoder_2``: ``CLIPTextModelWithProjection``, hidden size 32
+      [1280], ``projection_dim=16`` [1280] (the pooled ``text_embeds``),
+      2 layers, 4 heads, intermediate size 37, 77 positions, ``gelu``.
+    * ``tokenizer`` / ``tokenizer_2``: the tiny byte-level BPE
+      ``CLIPTokenizer`` (see :func:`build_tiny_clip_tokenizer`) in the
+      four-file layout; ``tokenizer_2`` pads with ``"!"`` like SDXL's.
+    * Scheduler: ``EulerDiscreteScheduler`` with SDXL base's
+      ``scheduler_config.json`` values.
+
+    Same ``seed`` => byte-identical safetensors files.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tok_dir = build_tiny_clip_tokenizer(path / "tokenizer")
+    tok_dir_2 = _build_tiny_clip_tokenizer_2(path / "tokenizer_2")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir_2)
+    dim_1, dim_2 = _TINY_SDXL_TEXT_DIMS
+
+    def text_config(tok: CLIPTokenizer, hidden: int, heads: int, act: str, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            max_position_embeddings=TINY_CLIP_MAX_LENGTH,
+            hidden_act=act,
+            projection_dim=projection,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SD15_SAMPLE_SIZE,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=1,
+            cross_attention_dim=TINY_SDXL_CROSS_ATTENTION_DIM,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=TINY_SDXL_POOLED_DIM + 6 * TINY_SDXL_TIME_EMBED_DIM,
+            norm_num_groups=8,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=TINY_SD15_SAMPLE_SIZE * TINY_SD15_VAE_SCALE_FACTOR,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(text_config(tokenizer, dim_1, 2, "quick_gelu", dim_1)).eval()
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            text_config(tokenizer_2, dim_2, 4, "gelu", TINY_SDXL_POOLED_DIM)
+        ).eval()
+
+    # SDXL base's scheduler_config.json values.  ``clip_sample``,
+    # ``sample_max_value``, ``set_alpha_to_one`` and ``skip_prk_steps`` are not
+    # EulerDiscreteScheduler.__init__ arguments, but the real file carries
+    # them; ``from_config`` accepts them and keeps them in the saved config.
+    scheduler = EulerDiscreteScheduler.from_config(
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "prediction_type": "epsilon",
+            "interpolation_type": "linear",
+            "use_karras_sigmas": False,
+            "sample_max_value": 1.0,
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "clip_sample": False,
+            "trained_betas": None,
+        }
+    )
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    # As in build_tiny_sd15: put back the four-file tokenizer layouts that
+    # transformers v5's save_pretrained replaced.
+    for d, rebuild in ((tok_dir, build_tiny_clip_tokenizer), (tok_dir_2, _build_tiny_clip_tokenizer_2)):
+        for f in d.iterdir():
+            if f.is_file():
+                f.unlink()
+        rebuild(d)
+    return path
+
+
+# --------------------------------------------------------------------------- #
 # flan-T5                                                                     #
 # --------------------------------------------------------------------------- #
 def _t5_unigram_vocab() -> list[tuple[str, float]]:
@@ -470,15 +668,17 @@ def build_tiny_t5(path: Path, d_model: int = 16, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python tests/tiny_models.py OUT_DIR``: build both tiny models under OUT_DIR."""
+    """``python tests/tiny_models.py OUT_DIR``: build the tiny SD 1.5, SDXL and flan-T5 under OUT_DIR."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print(f"usage: python {Path(__file__).name} OUT_DIR", file=sys.stderr)
         return 2
     out = Path(argv[0])
     sd = build_tiny_sd15(out / "sd15")
+    sdxl = build_tiny_sdxl(out / "sdxl")
     t5 = build_tiny_t5(out / "flan-t5")
     print(f"tiny SD 1.5 pipeline: {sd}")
+    print(f"tiny SDXL pipeline:   {sdxl}")
     print(f"tiny flan-T5:         {t5}")
     return 0
 

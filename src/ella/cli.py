@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="ella-out", help="output directory (default: ./ella-out)")
     add_model_flags(gen)
     add_bench_parser(sub)
+    add_train_parsers(sub)
     return parser
 
 
@@ -91,6 +92,60 @@ def add_bench_parser(sub) -> None:
     cmp = dpg_sub.add_parser("compare", help="two report.json files side by side, with deltas")
     cmp.add_argument("a")
     cmp.add_argument("b")
+
+
+def add_train_parsers(sub) -> None:
+    from .train.config import add_train_flags
+
+    train = sub.add_parser(
+        "train",
+        help="train an ELLA connector (multi-GPU: accelerate launch -m ella.cli train ...)",
+        description="Train a connector between a frozen LLM and a frozen SD1.5/SDXL-style UNet. Every key of "
+        "--config run.yaml is also a flag; flags win. Defaults are the paper's recipe.",
+    )
+    add_train_flags(train)
+    cache = sub.add_parser(
+        "cache",
+        help="precompute VAE latents (and optionally LLM features) for training",
+        description="Encode a dataset once so training skips the VAE (and with --features the LLM). "
+        "Point `ella train --train_data_dir` at the output directory. Resumes if interrupted.",
+    )
+    cache.add_argument("--output", required=True, help="cache directory to write")
+    for name in ("train_data_dir", "dataset_name"):
+        cache.add_argument(f"--{name}", default=None)
+    cache.add_argument("--image_column", default="image")
+    cache.add_argument("--caption_column", default="text")
+    cache.add_argument("--dataset_split", default="train")
+    cache.add_argument("--pretrained_model_name_or_path", default=DEFAULT_BASE, help="base whose VAE encodes")
+    cache.add_argument("--resolution", type=int, default=512)
+    cache.add_argument("--center_crop", action="store_true")
+    cache.add_argument("--random_flip", action="store_true")
+    cache.add_argument("--features", action="store_true", help="also cache LLM features (512 KB/sample for T5-XL)")
+    cache.add_argument("--llm_name_or_path", default=DEFAULT_LLM)
+    cache.add_argument("--llm_max_length", type=int, default=DEFAULT_MAX_LENGTH)
+    cache.add_argument("--batch_size", type=int, default=16)
+    cache.add_argument("--shard_size", type=int, default=1024, help="samples per shard file")
+    cache.add_argument("--dataloader_num_workers", type=int, default=2)
+    cache.add_argument("--device", default=None)
+    cache.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), bfloat16, float32")
+    cache.add_argument("--seed", type=int, default=0, help="seeds random crops/flips (fixed once cached)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import config_from_args
+    from .train.train import main as train_main
+
+    config = config_from_args(args)
+    out = train_main(config)
+    print(out / "ella.safetensors")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .train.cache import cache_command
+
+    print(cache_command(args))
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -160,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(args)
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache}[args.command](args)
     except EllaError as err:
         print(f"ella: error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ them, which `tests/test_connector.py` checks against an independent reference.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,6 +32,9 @@ TimestepsLike = Union[torch.Tensor, int, float, Sequence[int | float]]
 #: The connector variants of the paper's Table 6 ablation, selectable with ``variant=``.
 #: ``tsc`` is the released model; the others exist to reproduce the ablation (and issue 5).
 VARIANTS = ("tsc", "tsc_adaln_zero", "resampler", "mlp")
+
+#: safetensors metadata key holding the connector config in files written by ``save_single_file``.
+CONFIG_METADATA_KEY = "ella_config"
 
 
 class CheckpointMismatchError(EllaError):
@@ -175,6 +179,29 @@ class MLPConnector(nn.Module):
         return self.mlp(text)
 
 
+class AttentionPool(nn.Module):
+    """SDXL's pooled text embedding, made from the connector's tokens by one learned query.
+
+    SDXL's added conditioning wants a single vector (CLIP-G's pooled output, 1280-d) beside the
+    cross-attention tokens. ELLA has no such vector, so a small trained head attends over the
+    connector output and projects the result — the authors' "attention pooling" for ELLA-SDXL.
+    Because it reads the per-timestep tokens, the pooled vector is timestep-aware too.
+    """
+
+    def __init__(self, width: int, heads: int, pooled_dim: int):
+        super().__init__()
+        self.query = nn.Parameter(width**-0.5 * torch.randn(1, width))
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.proj = nn.Linear(width, pooled_dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        query = self.query.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        key_padding_mask = None if mask is None else ~mask.bool()
+        pooled = self.attn(query, tokens, tokens, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return self.proj(self.norm(pooled[:, 0]))
+
+
 class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
     """ELLA's connector: ``forward(text_features, timesteps, attention_mask=None) -> [B, N, width]``.
 
@@ -192,6 +219,8 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
     ``mlp`` (per-token MLP, output length = text length).
     ``text_feature_dtype`` records the dtype of the LLM features the weights were trained on
     (``"float16"`` for the release), so a pipeline can warn when fed another.
+    ``pooled_dim`` adds the :class:`AttentionPool` head (``pool(tokens)``) that SDXL-style UNets
+    need for their pooled text embedding; it is None for SD1.5-style UNets and the release.
     """
 
     config_name = "config.json"
@@ -209,6 +238,7 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         variant: str = "tsc",
         act_fn: str = "silu",
         text_feature_dtype: str | None = None,
+        pooled_dim: int | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -228,6 +258,8 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
             self.connector = PerceiverResampler(
                 width, layers, heads, num_latents, input_dim, time_embed_dim if self.timestep_aware else None, norm
             )
+        if pooled_dim is not None:
+            self.pooler = AttentionPool(width, heads, pooled_dim)
 
     @property
     def output_follows_text(self) -> bool:
@@ -267,6 +299,15 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
             temb = self.embed_timesteps(timesteps, batch, text_features.dtype)
         return self.connector(text_features, temb, attention_mask)
 
+    def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled embedding ``[B, pooled_dim]`` of this connector's output tokens (SDXL's ``text_embeds``).
+
+        ``attention_mask`` matters only for the ``mlp`` variant, whose tokens follow the text.
+        """
+        if self.config.pooled_dim is None:
+            raise ValueError("this connector has no pooling head; create it with pooled_dim=... for SDXL-style UNets")
+        return self.pooler(tokens, attention_mask if self.output_follows_text else None)
+
     # ----------------------------------------------------------------------------- official files
 
     @classmethod
@@ -281,6 +322,8 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
                 f"not an ELLA TSC checkpoint: tensor {err.args[0]!r} is missing "
                 f"(found {len(state_dict)} tensors, e.g. {sorted(state_dict)[:3]})"
             ) from None
+        if "pooler.proj.weight" in state_dict:
+            overrides.setdefault("pooled_dim", state_dict["pooler.proj.weight"].shape[0])
         prefix = "connector.perceiver_blocks."
         layers = len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
         config = dict(
@@ -329,6 +372,7 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         The config is read from the tensor shapes, so the released SD1.5 file needs no arguments;
         its weights were trained on fp16 T5 features, recorded as ``text_feature_dtype``.
         """
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         from .loading import resolve_file
@@ -336,9 +380,16 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         path = resolve_file(path_or_repo, filename, what="ELLA connector weights")
         try:
             state_dict = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise CheckpointMismatchError(f"{path} is not a readable safetensors file: {err}") from None
-        config = cls.config_from_state_dict(state_dict, **config_overrides)
+        # Files we write carry their config (variant, heads ...) as metadata; the release's don't.
+        saved = json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
+        if saved:
+            config = {**saved, **config_overrides}
+        else:
+            config = cls.config_from_state_dict(state_dict, **config_overrides)
         config.setdefault("text_feature_dtype", "float16")
         model = cls(**config)
         model.load_checked_state_dict(state_dict, source=str(path))
@@ -348,11 +399,16 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         return model
 
     def save_single_file(self, path: str | os.PathLike) -> None:
-        """Write the official single-file layout (what ``from_single_file`` and the release read)."""
+        """Write the official single-file layout (what ``from_single_file`` and the release read).
+
+        The tensors are exactly the release's keys; our config rides along as safetensors metadata
+        so that non-default connectors (other variants, head counts) load from one file too.
+        """
         from safetensors.torch import save_file
 
         from .loading import atomic_path
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config)})

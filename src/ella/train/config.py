@@ -1,0 +1,204 @@
+"""Training configuration: plain values, a YAML file, and a flag for every key.
+
+Names follow diffusers' ``examples/text_to_image/train_text_to_image.py`` so that people who know
+that script know this one. The defaults *are* the paper's recipe (Sec. 4.1 of Hu et al. 2024):
+UNet, VAE and LLM frozen; AdamW, lr 1e-4 (1e-5 for SDXL), weight decay 0.01, constant lr;
+captions up to 128 tokens; 512x512 images.
+
+Precedence: built-in default < ``--config run.yaml`` < command-line flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EllaError
+from ..loading import DEFAULT_BASE, DEFAULT_LLM
+
+
+@dataclass
+class TrainConfig:
+    # -- models
+    pretrained_model_name_or_path: str = DEFAULT_BASE  # diffusers dir / hub id with unet/, vae/, scheduler/
+    llm_name_or_path: str = DEFAULT_LLM  # any HF encoder / T5 / decoder-only LM
+    llm_max_length: int = 128  # paper: captions up to 128 tokens
+    llm_hidden_layer: int | None = None  # None = last hidden state (what the release reads)
+    connector_variant: str = "tsc"  # tsc (paper), tsc_adaln_zero, resampler (no timestep), mlp — Table 6
+    connector_layers: int = 6  # release: 6 blocks, 8 heads, 64 latents
+    connector_heads: int = 8
+    connector_num_latents: int = 64
+    init_connector: str | None = None  # start from these weights (official file or save_pretrained dir)
+    # -- data
+    dataset_name: str | None = None  # HF datasets name or a save_to_disk directory
+    train_data_dir: str | None = None  # image folder with .txt sidecars, webdataset shards, or an `ella cache` dir
+    image_column: str = "image"
+    caption_column: str = "text"
+    dataset_split: str = "train"
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works at inference
+    dataloader_num_workers: int = 2
+    # -- optimisation
+    train_batch_size: int = 16  # per device
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 10000
+    learning_rate: float = 1e-4  # paper: 1e-4 for SD1.5, 1e-5 for SDXL
+    lr_scheduler: str = "constant"  # paper: constant; any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01  # paper
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False  # bitsandbytes
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU), no, fp16, bf16
+    gradient_checkpointing: bool = False  # through the frozen UNet: less memory, ~30% slower
+    torch_compile: bool = False
+    allow_tf32: bool = True
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); 5.0 is the usual value
+    noise_offset: float = 0.0
+    prediction_type: str | None = None  # None = the base scheduler's (epsilon for SD1.5/SDXL)
+    seed: int = 0
+    # -- output, checkpoints, logging
+    output_dir: str = "ella-train"
+    logging_dir: str = "logs"  # under output_dir
+    report_to: str = "tensorboard"  # tensorboard, wandb, all, none
+    logging_steps: int = 10
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None  # keep the newest N checkpoints
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 500
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+
+    def validate(self) -> None:
+        """Reject impossible values up front, with the flag named — before any model is loaded."""
+        from ..connector import VARIANTS
+
+        positive = ("llm_max_length", "resolution", "train_batch_size", "gradient_accumulation_steps",
+                    "max_train_steps", "checkpointing_steps", "logging_steps", "validation_steps",
+                    "connector_layers", "connector_heads", "connector_num_latents", "validation_inference_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise EllaError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise EllaError(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {self.resolution}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise EllaError(f"--caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
+        if self.learning_rate <= 0:
+            raise EllaError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.connector_variant not in VARIANTS:
+            raise EllaError(f"--connector_variant {self.connector_variant!r} is not one of {', '.join(VARIANTS)}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise EllaError(f"--mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise EllaError(f"--prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise EllaError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        if (self.dataset_name is None) == (self.train_data_dir is None):
+            raise EllaError("give exactly one of --train_data_dir (folder, .tar shards or `ella cache` dir) "
+                            "and --dataset_name (HF datasets name or save_to_disk dir)")
+        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
+            raise EllaError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
+
+
+# ------------------------------------------------------------------------------- YAML and flags
+
+
+def _field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """(scalar type, is_optional, is_list) of a TrainConfig field from its annotation."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], optional, True
+    return hint, optional, False
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--name`` per field; defaults are suppressed so we can tell a given flag from a default."""
+    parser.add_argument("--config", help="YAML file with any of these keys (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind, optional, is_list = _field_type(f)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f"default: {default!r}"
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif is_list:
+            parser.add_argument(f"--{f.name}", nargs="*", type=kind, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=_none_or(kind) if optional else kind, default=argparse.SUPPRESS,
+                                help=help_text)
+
+
+def _none_or(kind: type):
+    def convert(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise EllaError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise EllaError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise EllaError(f"--config {path} must be a mapping of key: value, got a {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict, source: str = "config") -> TrainConfig:
+    """A TrainConfig from a dict, with unknown keys and wrong types reported by name."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise EllaError(f"unknown key(s) in {source}: {', '.join(unknown)} (see `ella train --help` for the keys)")
+    checked = {}
+    for name, value in values.items():
+        kind, optional, is_list = _field_type(known[name])
+        if value is None and optional:
+            checked[name] = None
+        elif is_list:
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+                raise EllaError(f"{name} in {source} must be a list of {kind.__name__}, got {value!r}")
+            checked[name] = value
+        elif kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+                checked[name] = float(value)
+            except ValueError:
+                raise EllaError(f"{name} in {source} must be a number, got {value!r}") from None
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise EllaError(f"{name} in {source} must be {kind.__name__}, got {value!r}")
+        else:
+            checked[name] = value
+    config = TrainConfig(**checked)
+    config.validate()
+    return config
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """default < YAML < flags."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(flags)
+    return build_config(values, source=args.config or "flags")

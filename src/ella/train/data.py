@@ -1,0 +1,342 @@
+"""Training data: image folders, webdataset tar shards, Hugging Face datasets and `ella cache` directories.
+
+Every source yields the same sample dicts, so the trainer never knows where its data came from. Two
+rules hold everywhere:
+
+* **one bad sample never stops a run** — an undecodable image or a missing caption becomes ``None``,
+  which :func:`collate` drops and counts; an empty or misnamed source fails in :func:`open_dataset`,
+  before any model loads;
+* **every random decision is a function of (seed, epoch, sample key)** — crops, flips, caption
+  dropout and the choice among several captions come from :func:`sample_rng`, never from a global
+  RNG, so they don't depend on worker count, batch order or where a run resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..errors import EllaError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+CAPTION_KEYS = ("caption", "text", "prompt", "txt")  # json caption field lookup order
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
+HF_DATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # an `imagefolder` with captions beside
+EXPECTED = ("expected images (.jpg/.jpeg/.png/.webp) with same-name .txt captions, webdataset *.tar shards, "
+            "a datasets save_to_disk directory, an `ella cache` output directory or a Hub dataset id")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Augment:
+    """How a raw image becomes a training sample; ``seed`` fixes every random choice (see :func:`sample_rng`)."""
+
+    resolution: int = 512  # square output side
+    center_crop: bool = False  # False = random crop (diffusers' train_text_to_image default)
+    random_flip: bool = False
+    caption_dropout: float = 0.1  # probability a caption becomes "" (classifier-free guidance)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.resolution < 1:
+            raise EllaError(f"resolution must be a positive number of pixels, got {self.resolution}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise EllaError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The RNG of one sample in one epoch, from sha256 of (seed, epoch, key).
+
+    Nothing else feeds it, so a sample's crop, flip and dropout are the same whichever worker loads
+    it, in whatever order, before or after a resume — that is what makes resumed training bit-identical.
+    """
+    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def load_image(source) -> Image.Image:
+    """A decoded RGB image from a path, bytes, a PIL image or a datasets ``{"bytes", "path"}`` dict.
+
+    Decoding is forced here (PIL is lazy), so a truncated file fails now, where the caller turns it
+    into a skipped sample. Transparent images are put on white: black is what ``convert("RGB")``
+    would leave under a logo's transparent pixels.
+    """
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    image.load()
+    image = ImageOps.exif_transpose(image)  # phone photos store "rotate me" in EXIF, not in the pixels
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def prepare_image(image: Image.Image, aug: Augment, rng: random.Random
+                  ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize the shorter side to ``aug.resolution``, crop a square, maybe flip; scale to [-1, 1].
+
+    Returns ``(pixel_values [3, R, R] float32, original_size (h, w), crop_top_left (top, left))``:
+    the last two are SDXL's micro-conditioning. A flipped crop records its left edge in the flipped
+    image (``resized_width - left - R``), as diffusers' SDXL training script does.
+    """
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    r = aug.resolution
+    width, height = image.size
+    scale = r / min(width, height)
+    new_w, new_h = max(r, round(width * scale)), max(r, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if aug.center_crop:
+        top, left = round((new_h - r) / 2), round((new_w - r) / 2)
+    else:
+        top, left = rng.randint(0, new_h - r), rng.randint(0, new_w - r)
+    image = image.crop((left, top, left + r, top + r))
+    if aug.random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = new_w - left - r
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return pixels.contiguous(), (height, width), (top, left)
+
+
+def make_sample(key: str, image_source, captions, aug: Augment, epoch: int) -> dict | None:
+    """One raw sample, or None if its image can't be decoded or it has no caption.
+
+    The RNG is drawn in a fixed order (caption choice, dropout, crop, flip) whatever the settings,
+    so turning caption dropout on or off doesn't move anyone's crop.
+    """
+    rng = sample_rng(aug.seed, epoch, key)
+    pick, dropped = rng.random(), rng.random() < aug.caption_dropout
+    if isinstance(captions, (list, tuple)):
+        captions = captions[int(pick * len(captions))] if captions else None
+    if not isinstance(captions, str):
+        logger.debug("skipping %s: no caption", key)
+        return None
+    try:
+        image = load_image(image_source)
+    except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...)
+        logger.debug("skipping %s: %s: %s", key, type(err).__name__, err)
+        return None
+    pixels, original, crop = prepare_image(image, aug, rng)
+    return {"key": key, "pixel_values": pixels, "caption": "" if dropped else captions.strip(),
+            "original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop)}
+
+
+class _Epoch:
+    """``set_epoch`` for every dataset: the trainer calls it at each epoch start."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class FolderDataset(_Epoch, torch.utils.data.Dataset):
+    """Images found recursively under ``root``, each captioned by the ``.txt`` file with the same stem."""
+
+    def __init__(self, root: str | os.PathLike, aug: Augment):
+        self.root, self.aug = Path(root), aug
+        files = [p for p in self.root.rglob("*") if p.is_file()]
+        self.images = sorted(p.relative_to(self.root).as_posix() for p in files if p.suffix.lower() in IMAGE_EXTS)
+        if not self.images:
+            raise EllaError(f"no training samples in {root}: {EXPECTED}")
+        texts = {p.relative_to(self.root).with_suffix("").as_posix() for p in files if p.suffix == ".txt"}
+        if not any(Path(name).with_suffix("").as_posix() in texts for name in self.images):
+            raise EllaError(f"no training samples in {root}: {len(self.images)} images but none has a caption file "
+                            f"(expected IMAGE.txt beside each IMAGE.jpg/.png)")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict | None:
+        name = self.images[index]
+        try:
+            caption = (self.root / name).with_suffix(".txt").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            caption = None
+        return make_sample(name, self.root / name, caption, self.aug, self.epoch)
+
+
+class HFImageDataset(_Epoch, torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` with an image column and a caption column (a string or a list of strings)."""
+
+    def __init__(self, dataset, aug: Augment, *, image_column: str = "image", caption_column: str = "text",
+                 name: str = "the dataset"):
+        import datasets
+
+        for what, column in (("image", image_column), ("caption", caption_column)):
+            if column not in dataset.column_names:
+                raise EllaError(f"{name} has no {what} column {column!r}; its columns are "
+                                f"{', '.join(dataset.column_names)} (pick one with --{what}_column)")
+        if len(dataset) == 0:
+            raise EllaError(f"no training samples in {name}: the split is empty")
+        if isinstance(dataset.features[image_column], datasets.Image):  # decode ourselves: a bad image -> None
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.dataset, self.aug = dataset, aug
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.dataset[int(index)]
+        return make_sample(str(index), row[self.image_column], row[self.caption_column], self.aug, self.epoch)
+
+
+class TarShards(_Epoch, torch.utils.data.IterableDataset):
+    """webdataset / img2dataset tar shards (``KEY.jpg`` + ``KEY.txt`` or ``KEY.json``), streamed.
+
+    Each epoch shuffles the shard order with an RNG seeded by (seed, epoch) — the same on every
+    rank — then gives rank ``r`` the shards ``i % world_size == r`` and splits those among the
+    DataLoader's workers, so no two readers ever see the same shard.
+    """
+
+    def __init__(self, shards: list[str], aug: Augment, *, rank: int = 0, world_size: int = 1):
+        if len(shards) < world_size:
+            raise EllaError(f"{len(shards)} tar shards cannot feed {world_size} processes (each needs at least one); "
+                            "split the data into more shards or train on fewer processes")
+        self.shards, self.aug, self.rank, self.world_size = list(shards), aug, rank, world_size
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def shards_for(self, worker: int = 0, num_workers: int = 1) -> list[str]:
+        """This epoch's shards for this rank and DataLoader worker, in reading order."""
+        order = list(self.shards)
+        random.Random(f"shards:{self.aug.seed}:{self.epoch}").shuffle(order)
+        return order[self.rank::self.world_size][worker::num_workers]
+
+    def __iter__(self):
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        shards = self.shards_for(info.id, info.num_workers) if info else self.shards_for()
+        for raw in wds.tariterators.tarfile_samples([{"url": url} for url in shards], handler=_warn_and_continue):
+            key = f"{Path(raw['__url__']).stem}/{raw['__key__']}"
+            image = next((raw[ext[1:]] for ext in IMAGE_EXTS if ext[1:] in raw), None)
+            if image is None:
+                logger.debug("skipping %s: no image member", key)
+                yield None
+                continue
+            yield make_sample(key, image, _tar_caption(raw), self.aug, self.epoch)
+
+
+def _warn_and_continue(err: Exception) -> bool:
+    """A shard that can't be opened or read to the end: say so, keep going with the next one."""
+    logger.warning("tar shard read error (rest of that shard skipped): %s", err)
+    return True
+
+
+def _tar_caption(raw: dict):
+    if "txt" in raw:
+        try:
+            return raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except ValueError:
+        return None
+    return next((meta[k] for k in CAPTION_KEYS if isinstance(meta, dict) and meta.get(k) is not None), None)
+
+
+def _tar_shards(source: str) -> list[str]:
+    """Brace patterns and ``::`` lists expanded as webdataset does; local shards must exist."""
+    from webdataset.shardlists import expand_urls
+
+    shards = expand_urls(source)
+    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+    if missing:
+        raise EllaError(f"no training samples in {source}: {len(missing)} of its {len(shards)} tar shards do not "
+                        f"exist (first: {missing[0]})")
+    return shards
+
+
+def _has_parquet(path: Path) -> bool:
+    """A Hub dataset repo downloaded with ``hf download --local-dir``: parquet files at the top or one level down."""
+    return any(path.glob("*.parquet")) or any(path.glob("*/*.parquet"))
+
+
+def _hf_dataset(source: str, split: str, *, local: bool):
+    """``load_from_disk`` for a save_to_disk directory, else ``load_dataset`` (local data files or the Hub)."""
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if local and any((path / marker).is_file() for marker in HF_MARKERS):
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise EllaError(f"{source} has no split {split!r}; its splits are {', '.join(data)}")
+                data = data[split]
+            return data
+        return datasets.load_dataset(str(path) if local else source, split=split)
+    except EllaError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        hint = "" if local else (
+            f" If {source!r} is a Hub dataset, on a machine with internet run `hf download {source} --repo-type "
+            f"dataset` (or pass the --local-dir it wrote)")
+        raise EllaError(f"could not load dataset {source!r} (split {split!r}): {type(err).__name__}: {first}.{hint}"
+                        ) from err
+
+
+def open_dataset(source: str, aug: Augment, *, image_column: str = "image", caption_column: str = "text",
+                 split: str = "train", rank: int = 0, world_size: int = 1
+                 ) -> torch.utils.data.Dataset | torch.utils.data.IterableDataset:
+    """The dataset behind ``source``, recognised by what it contains (see the module docstring for the kinds).
+
+    An empty source, missing shards or a misnamed column raise :class:`EllaError` here, before any
+    model loads. ``rank``/``world_size`` matter only for tar shards; map-style datasets are split
+    by the trainer's sampler.
+    """
+    if not source:
+        raise EllaError(f"no training data given: {EXPECTED}")
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "cache.json").is_file():
+        from .cache import CachedDataset  # the cache format lives with its writer
+
+        return CachedDataset(path, aug)
+    if source.endswith(".tar"):
+        return TarShards(_tar_shards(source), aug, rank=rank, world_size=world_size)
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
+        if shards:
+            return TarShards(shards, aug, rank=rank, world_size=world_size)
+        if any((path / marker).is_file() for marker in HF_MARKERS + HF_DATA_FILES) or _has_parquet(path):
+            data = _hf_dataset(source, split, local=True)
+            return HFImageDataset(data, aug, image_column=image_column, caption_column=caption_column, name=source)
+        return FolderDataset(path, aug)
+    if path.exists():
+        raise EllaError(f"{source} is a file, not training data: {EXPECTED}")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        raise EllaError(f"{source} does not exist: {EXPECTED}")
+    data = _hf_dataset(source, split, local=False)
+    return HFImageDataset(data, aug, image_column=image_column, caption_column=caption_column, name=source)
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack the readable samples; ``skipped`` counts the rest (a batch may end up empty: the loop skips it)."""
+    good = [s for s in samples if s is not None]
+    batch = {"skipped": len(samples) - len(good), "keys": [s["key"] for s in good],
+             "captions": [s["caption"] for s in good]}
+    for name in ("pixel_values", "latents", "features", "feature_mask", "original_size", "crop_top_left"):
+        if good and name in good[0]:
+            batch[name] = torch.stack([s[name] for s in good])
+    return batch
+

@@ -1,0 +1,119 @@
+"""The frozen models a training run needs, and a connector sized to fit between them.
+
+Sizes are read from config files *before* any weights load, so a mismatch (an LLM whose hidden
+size is not the connector's input, a connector narrower than the UNet's cross-attention) costs a
+second, not the minutes it takes to load flan-t5-xl and a UNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..connector import TimestepAwareSemanticConnector
+from ..errors import EllaError
+from ..loading import check_offline, load_connector, loading
+from .config import TrainConfig
+
+
+@dataclass
+class Dims:
+    """What the connector must fit: LLM hidden size in, UNet cross-attention width (and SDXL pooled size) out."""
+
+    llm_hidden: int
+    cross_attention_dim: int
+    pooled_dim: int | None  # SDXL-style UNets ("text_time" added conditioning) need a pooled embedding
+    unet_config: dict
+
+    @property
+    def sdxl_style(self) -> bool:
+        return self.pooled_dim is not None
+
+
+def read_dims(cfg: TrainConfig, cached_llm_hidden: int | None) -> Dims:
+    """Config files only; ``cached_llm_hidden`` comes from an ``ella cache`` index that holds features."""
+    from diffusers import UNet2DConditionModel
+
+    needed = [("base model", cfg.pretrained_model_name_or_path, "unet/config.json")]
+    if cached_llm_hidden is None:
+        needed.append(("LLM", cfg.llm_name_or_path, "config.json"))
+    check_offline(needed)
+    with loading("base model", cfg.pretrained_model_name_or_path):
+        unet_config = dict(UNet2DConditionModel.load_config(cfg.pretrained_model_name_or_path, subfolder="unet"))
+    cross = unet_config["cross_attention_dim"]
+    if not isinstance(cross, int):
+        raise EllaError(f"UNet cross_attention_dim {cross!r} varies per block; ELLA needs one width for all blocks")
+    pooled = None
+    if unet_config.get("addition_embed_type") == "text_time":
+        pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    if cached_llm_hidden is not None:
+        hidden = cached_llm_hidden
+    else:
+        import transformers
+
+        with loading("LLM", cfg.llm_name_or_path):
+            llm_config = transformers.AutoConfig.from_pretrained(cfg.llm_name_or_path)
+        hidden = getattr(llm_config, "d_model", None) or llm_config.hidden_size
+    return Dims(hidden, cross, pooled, unet_config)
+
+
+def make_connector(cfg: TrainConfig, dims: Dims) -> TimestepAwareSemanticConnector:
+    """A fresh connector (release architecture by default) or ``--init_connector`` weights, checked against dims."""
+    if cfg.init_connector:
+        connector = load_connector(cfg.init_connector, torch_dtype=torch.float32)
+    else:
+        width = dims.cross_attention_dim
+        if width % cfg.connector_heads:
+            raise EllaError(f"the UNet's cross_attention_dim {width} is not divisible by --connector_heads "
+                            f"{cfg.connector_heads}; pick a head count that divides it")
+        connector = TimestepAwareSemanticConnector(
+            width=width,
+            layers=cfg.connector_layers,
+            heads=cfg.connector_heads,
+            num_latents=cfg.connector_num_latents,
+            input_dim=dims.llm_hidden,
+            time_embed_dim=width,  # release: time_embed_dim == width (768)
+            variant=cfg.connector_variant,
+            pooled_dim=dims.pooled_dim,
+        )
+    got = connector.config
+    if got.input_dim != dims.llm_hidden:
+        raise EllaError(f"connector input_dim {got.input_dim} != LLM hidden size {dims.llm_hidden} "
+                        f"({cfg.llm_name_or_path}); use the LLM the connector was trained on, or start fresh")
+    if got.width != dims.cross_attention_dim:
+        raise EllaError(f"connector width {got.width} != UNet cross_attention_dim {dims.cross_attention_dim} "
+                        f"({cfg.pretrained_model_name_or_path}); this connector was made for another UNet")
+    if got.pooled_dim != dims.pooled_dim:
+        raise EllaError(f"connector pooled_dim {got.pooled_dim} but the UNet needs {dims.pooled_dim} "
+                        "(SDXL-style UNets need a pooling head, SD1.5-style ones none)")
+    return connector
+
+
+def load_frozen(cfg: TrainConfig, weight_dtype: torch.dtype, device, *, need_vae: bool, need_llm: bool):
+    """``(unet, vae | None, llm | None, tokenizer | None, noise_scheduler)``, frozen, in ``weight_dtype``.
+
+    Frozen weights never get ``.grad``: the loss still back-propagates *through* the UNet to the
+    connector's output (input gradients only), which is all the connector needs.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from ..text import load_llm
+
+    base = cfg.pretrained_model_name_or_path
+    with loading("base model", base):
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype)
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        vae = None
+        if need_vae:
+            vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+            # SDXL's VAE overflows in fp16 (config.force_upcast); bf16 has fp32's range and is fine.
+            keep_fp32 = weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            vae = vae.to(device, torch.float32 if keep_fp32 else weight_dtype).requires_grad_(False).eval()
+    if cfg.prediction_type:
+        scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    unet = unet.to(device).requires_grad_(False).eval()
+    llm = tokenizer = None
+    if need_llm:
+        llm, tokenizer = load_llm(cfg.llm_name_or_path, dtype=weight_dtype, device=device)
+    return unet, vae, llm, tokenizer, scheduler

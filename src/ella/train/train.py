@@ -1,0 +1,336 @@
+"""Train an ELLA connector: ``main(config)``, read top to bottom.
+
+The paper's recipe: a frozen UNet, VAE and LLM; a random diffusion timestep per sample; the
+connector turns the caption's LLM features into the UNet's cross-attention tokens *for that
+timestep*; the loss is the UNet's ordinary denoising MSE. Only the connector (and for SDXL-style
+UNets its pooling head) learns. Launch on several GPUs with ``accelerate launch -m ella.cli train``.
+
+Determinism: every random draw in a step (noise, timesteps) comes from a generator seeded by
+(seed, process, micro-batch counter), and every data decision from the sample's key and epoch,
+so a run resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EllaError
+from .checkpoint import (
+    Progress,
+    export_connector,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .models import Dims, load_frozen, make_connector, read_dims
+
+
+def main(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the output directory holding ``ella.safetensors``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from .data import Augment, collate, open_dataset
+
+    cfg.validate()
+    output_dir = check_output_dir(cfg.output_dir)
+
+    # ---- Setup accelerate (DDP across processes when launched with `accelerate launch`)
+    mixed_precision = cfg.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+    set_seed(cfg.seed)  # the connector's initial weights (latents, projections) come from the global RNG
+    device = accelerator.device
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    if cfg.allow_tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- Data first: an empty or unreadable dataset is an error before any model loads
+    aug = Augment(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                  caption_dropout=cfg.caption_dropout, seed=cfg.seed)
+    dataset = open_dataset(cfg.train_data_dir or cfg.dataset_name, aug, image_column=cfg.image_column,
+                           caption_column=cfg.caption_column, split=cfg.dataset_split,
+                           rank=accelerator.process_index, world_size=accelerator.num_processes)
+    cache = getattr(dataset, "index", None)  # an `ella cache` directory: latents (and maybe features) precomputed
+    cached_llm = (cache or {}).get("llm")
+    if cache and cache["resolution"] != cfg.resolution:
+        raise EllaError(f"the cache at {cfg.train_data_dir} was made at resolution {cache['resolution']}, "
+                        f"but --resolution is {cfg.resolution}")
+
+    # ---- Sizes from config files, then the connector; dimension mismatches fail here, in a second
+    dims = read_dims(cfg, cached_llm["hidden_size"] if cached_llm else None)
+    connector = make_connector(cfg, dims).to(device).train()
+
+    # ---- Frozen models (bf16 on GPU), loaded only if the cache doesn't make them unnecessary
+    unet, vae, llm, tokenizer, noise_scheduler = load_frozen(
+        cfg, weight_dtype, device, need_vae=cache is None, need_llm=cached_llm is None
+    )
+    if cache and abs(cache["vae"]["scaling_factor"] - vae_scaling(cfg)) > 1e-9:
+        raise EllaError(f"the cache's latents were scaled by {cache['vae']['scaling_factor']}, but this base's VAE "
+                        f"uses {vae_scaling(cfg)}: re-run `ella cache` with --pretrained_model_name_or_path "
+                        f"{cfg.pretrained_model_name_or_path}")
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet_forward = torch.compile(unet) if cfg.torch_compile else unet
+
+    # ---- Optimizer (AdamW, paper: constant lr, weight decay 0.01), lr schedule, EMA
+    optimizer_cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise EllaError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    optimizer = optimizer_cls(connector.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(connector.parameters(), decay=cfg.ema_decay)
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.train_batch_size,
+        shuffle=not isinstance(dataset, torch.utils.data.IterableDataset),
+        collate_fn=collate,
+        num_workers=cfg.dataloader_num_workers,
+        drop_last=False,
+    )
+    connector, optimizer, lr_scheduler = accelerator.prepare(connector, optimizer, lr_scheduler)
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        loader = accelerator.prepare(loader)  # shards each batch across processes; tar shards split themselves
+
+    # ---- Resume
+    progress = Progress()
+    if cfg.resume_from_checkpoint:
+        path = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir} yet; starting from step 0")
+        else:
+            progress = load_checkpoint(accelerator, path, ema)
+            accelerator.print(f"resumed from {path} at step {progress.global_step}")
+    if ema is not None:
+        ema.to(device)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("ella-train", config=tracker_config(cfg))
+
+    # ---- The loop
+    bar = tqdm(total=cfg.max_train_steps, initial=progress.global_step, desc="train", unit="step",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    generator = torch.Generator(device=device)
+    window_start, window_samples = time.perf_counter(), 0
+    while progress.global_step < cfg.max_train_steps:
+        start_epoch(loader, dataset, progress.epoch)
+        batches = accelerator.skip_first_batches(loader, progress.batches_in_epoch) if progress.batches_in_epoch else loader
+        for batch in batches:
+            progress.batches_in_epoch += 1
+            progress.micro_steps += 1
+            progress.skipped += batch["skipped"]
+            if not batch["captions"]:
+                continue  # every sample of this batch was unreadable
+            generator.manual_seed(noise_seed(cfg.seed, accelerator.process_index, progress.micro_steps))
+            with accelerator.accumulate(connector):
+                latents = batch_latents(batch, vae, device)
+                features, mask = batch_features(batch, llm, tokenizer, cfg, device)
+                loss = diffusion_loss(connector, unet_forward, noise_scheduler, latents, features, mask, dims=dims,
+                                      time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
+                                      generator=generator, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(connector.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            progress.samples_seen += len(batch["captions"])
+            window_samples += len(batch["captions"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            bar.update(1)
+            if ema is not None:
+                ema.step(connector.parameters())
+            if progress.global_step % cfg.logging_steps == 0 or progress.global_step == 1:
+                elapsed = time.perf_counter() - window_start
+                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped_samples": progress.skipped}
+                if device.type == "cuda":
+                    logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                accelerator.log(logs, step=progress.global_step)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", sps=f"{logs['samples_per_s']:.1f}", skipped=progress.skipped)
+                window_start, window_samples = time.perf_counter(), 0
+            done = progress.global_step >= cfg.max_train_steps
+            if progress.global_step % cfg.checkpointing_steps == 0 or done:
+                save_checkpoint(accelerator, output_dir, progress, accelerator.unwrap_model(connector), ema,
+                                cfg.checkpoints_total_limit)
+            if cfg.validation_prompts and (progress.global_step % cfg.validation_steps == 0 or done):
+                run_validation(cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, noise_scheduler, dims,
+                               progress.global_step, weight_dtype)
+            if done:
+                break
+        else:  # the epoch ran out before max_train_steps
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+    bar.close()
+
+    # ---- Final weights beside the checkpoints: the files a user loads
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_connector(accelerator.unwrap_model(connector), ema, output_dir)
+        if progress.skipped:
+            accelerator.print(f"skipped {progress.skipped} corrupt or unreadable samples")
+    accelerator.end_training()
+    return output_dir
+
+
+# ----------------------------------------------------------------------------- the training step
+
+
+def diffusion_loss(connector, unet, noise_scheduler, latents, features, mask, *, dims: Dims, time_ids=None,
+                   generator=None, noise_offset: float = 0.0, snr_gamma: float | None = None) -> torch.Tensor:
+    """The frozen UNet's denoising loss with the connector's tokens as its text condition.
+
+    One random timestep per sample (uniform over the training schedule, as in SD's own training);
+    the connector sees the same timestep the UNet does — that is what "timestep-aware" trains.
+    """
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator,
+                                                   device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator,
+                              device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    tokens = connector(features, timesteps, mask)
+    follows_text = mask is not None and getattr(connector, "output_follows_text", False)
+    added = None
+    if dims.sdxl_style:
+        pool = connector.module.pool if hasattr(connector, "module") else connector.pool
+        added = {"text_embeds": pool(tokens, mask), "time_ids": time_ids.to(latents.device, tokens.dtype)}
+    pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=tokens.to(unet.dtype),
+                encoder_attention_mask=mask if follows_text else None, added_cond_kwargs=added, return_dict=False)[0]
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=snr_gamma)
+        weight = weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def noise_seed(seed: int, process: int, micro_step: int) -> int:
+    """A distinct, reproducible seed per (run seed, process, micro-batch)."""
+    return ((seed * 1_000_003 + process) * 1_000_003 + micro_step) % (2**63)
+
+
+def batch_latents(batch: dict, vae, device) -> torch.Tensor:
+    if "latents" in batch:
+        return batch["latents"].to(device, torch.float32)
+    pixels = batch["pixel_values"].to(device, vae.dtype)
+    with torch.no_grad():
+        z = vae.encode(pixels).latent_dist.mode()  # the mode, as `ella cache` stores: cached == online
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((z - shift) * vae.config.scaling_factor).float()
+
+
+def batch_features(batch: dict, llm, tokenizer, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LLM features of the captions (already "" where dropped): cached, or computed now with the frozen LLM."""
+    from ..text import encode_text
+
+    if "features" in batch:
+        mask = batch["feature_mask"].to(device)
+        return batch["features"].to(device), mask if cfg.connector_variant == "mlp" else None
+    out = encode_text(llm, tokenizer, batch["captions"], max_length=cfg.llm_max_length,
+                      flexible=cfg.connector_variant == "mlp", hidden_layer=cfg.llm_hidden_layer)
+    return out.hidden_states, out.attention_mask
+
+
+def time_ids(batch: dict, resolution: int) -> torch.Tensor:
+    """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w) per sample."""
+    target = torch.tensor([resolution, resolution]).expand(len(batch["captions"]), 2)
+    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).float()
+
+
+# ----------------------------------------------------------------------------------- plumbing
+
+
+def check_output_dir(path: str) -> Path:
+    """Fail now, not after the first checkpoint interval, if checkpoints can't be written."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise EllaError(f"--output_dir {out} is not writable ({err.strerror}); pick a directory you can write to")
+    return out
+
+
+def vae_scaling(cfg: TrainConfig) -> float:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.load_config(cfg.pretrained_model_name_or_path, subfolder="vae")["scaling_factor"]
+
+
+def start_epoch(loader, dataset, epoch: int) -> None:
+    """New shuffle (map-style: accelerate's seeded sampler; tar shards: shard order) and per-sample RNG."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """Trackers accept scalars only."""
+    from dataclasses import asdict
+
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()}
+
+
+@torch.no_grad()
+def run_validation(cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, noise_scheduler, dims, step,
+                   weight_dtype) -> None:
+    """Images for the fixed validation prompts (EMA weights if on) → PNG grid + trackers."""
+    from .validation import validation_images
+
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    model = accelerator.unwrap_model(connector)
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    try:
+        validation_images(cfg, model, unet, vae, llm, tokenizer, noise_scheduler, dims, step, weight_dtype,
+                          accelerator)
+    finally:
+        if ema is not None:
+            ema.restore(model.parameters())
+        model.train()
+    accelerator.wait_for_everyone()
+

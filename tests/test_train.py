@@ -1,0 +1,308 @@
+"""The trainer on tiny models: it learns, touches nothing frozen, resumes exactly, and refuses bad setups early."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from ella.errors import EllaError
+from ella.train import train as train_mod
+from ella.train.config import TrainConfig, build_config
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def make_folder(path: Path, n: int = 8, corrupt: int = 0) -> Path:
+    """Solid-colour images with their colour as caption; ``corrupt`` extra files that are not images."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    for i in range(n):
+        colour = names[i % len(names)]
+        Image.new("RGB", (40, 48), COLOURS[colour]).save(path / f"{i:03d}.png")
+        (path / f"{i:03d}.txt").write_text(f"a {colour} square")
+    for j in range(corrupt):
+        (path / f"bad{j}.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+        (path / f"bad{j}.txt").write_text("a broken file")
+    return path
+
+
+def tiny_config(tiny_sd, tiny_t5, data: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        pretrained_model_name_or_path=str(tiny_sd), llm_name_or_path=str(tiny_t5), train_data_dir=str(data),
+        output_dir=str(out), resolution=32, train_batch_size=4, max_train_steps=6, learning_rate=1e-3,
+        connector_layers=1, connector_heads=4, connector_num_latents=8, llm_max_length=16,
+        dataloader_num_workers=0, report_to="none", checkpointing_steps=3, logging_steps=1, seed=3,
+    )
+    values.update(overrides)
+    return build_config(values)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data") / "folder")
+
+
+def frozen_state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture()
+def captured(monkeypatch):
+    """Keep hold of the frozen models main() loads, to inspect them after training."""
+    seen = {}
+    original = train_mod.load_frozen
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen["models"] = out
+        seen["before"] = [frozen_state(m) if m is not None and hasattr(m, "state_dict") else None for m in out[:3]]
+        return out
+
+    monkeypatch.setattr(train_mod, "load_frozen", spy)
+    return seen
+
+
+def eval_loss(cfg: TrainConfig, connector_path: Path | None, folder: Path) -> float:
+    """Fixed-noise loss over the whole (tiny) set: comparable before and after training."""
+    from ella import TimestepAwareSemanticConnector
+    from ella.train.data import Augment, collate, open_dataset
+    from ella.train.models import load_frozen, make_connector, read_dims
+
+    dims = read_dims(cfg, None)
+    connector = (TimestepAwareSemanticConnector.from_single_file(connector_path) if connector_path
+                 else make_connector(cfg, dims))
+    unet, vae, llm, tok, sched = load_frozen(cfg, torch.float32, "cpu", need_vae=True, need_llm=True)
+    data = open_dataset(str(folder), Augment(resolution=cfg.resolution, center_crop=True, caption_dropout=0.0))
+    batch = collate([data[i] for i in range(len(data))])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = train_mod.batch_latents(batch, vae, "cpu").repeat(8, 1, 1, 1)
+        feats, mask = train_mod.batch_features(batch, llm, tok, cfg, "cpu")
+        return train_mod.diffusion_loss(connector, unet, sched, latents, feats.repeat(8, 1, 1), mask, dims=dims,
+                                        generator=g).item()
+
+
+def test_loss_falls_and_only_the_connector_changes(tiny_sd, tiny_t5, folder, tmp_path, captured):
+    torch.manual_seed(0)
+    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", max_train_steps=100, learning_rate=5e-3,
+                      caption_dropout=0.0, checkpointing_steps=100)
+    init = tmp_path / "init.safetensors"
+    from ella.train.models import make_connector, read_dims
+
+    torch.manual_seed(cfg.seed)
+    make_connector(cfg, read_dims(cfg, None)).save_single_file(init)
+    cfg.init_connector = str(init)
+    before = eval_loss(cfg, init, folder)
+    out = train_mod.main(cfg)
+    after = eval_loss(cfg, out / "ella.safetensors", folder)
+    assert after < 0.9 * before, (before, after)
+
+    unet, vae, llm = captured["models"][:3]
+    for module, state in zip((unet, vae, llm), captured["before"], strict=True):
+        now = module.state_dict()
+        assert all(torch.equal(now[k], state[k]) for k in state), f"{type(module).__name__} changed"
+        assert all(p.grad is None for p in module.parameters()), f"{type(module).__name__} got weight gradients"
+    trained = load_file(out / "ella.safetensors")
+    start = load_file(init)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert (out / "connector" / "config.json").is_file() and (out / "checkpoint-100").is_dir()
+
+
+def test_sigkill_and_resume_is_bit_identical(tiny_sd, tiny_t5, folder, tmp_path):
+    """Kill a CPU run right after a checkpoint lands; resuming reaches the uninterrupted run's exact weights."""
+    steps = 30
+
+    def write_cfg(out: Path) -> Path:
+        cfg = dict(
+            pretrained_model_name_or_path=str(tiny_sd), llm_name_or_path=str(tiny_t5), train_data_dir=str(folder),
+            output_dir=str(out), resolution=32, train_batch_size=3, max_train_steps=steps, checkpointing_steps=4,
+            checkpoints_total_limit=2, connector_layers=1, connector_heads=4, connector_num_latents=8,
+            llm_max_length=16, dataloader_num_workers=0, report_to="none", random_flip=True, use_ema=True,
+            ema_decay=0.9, gradient_accumulation_steps=2, seed=11, learning_rate=1e-3,
+        )
+        path = out.parent / f"{out.name}.yaml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "ella.cli", "train", "--config"]
+    straight = tmp_path / "straight"
+    subprocess.run(cmd + [str(write_cfg(straight))], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + [str(write_cfg(killed))], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(killed.glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
+    assert done and done[-1] < steps, f"the run was not interrupted mid-way: {done}"
+    assert not (killed / "ella.safetensors").exists()
+
+    resumed = subprocess.run(cmd + [str(write_cfg(killed)), "--resume_from_checkpoint", "latest"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(straight / "ella.safetensors"), load_file(killed / "ella.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(killed.glob("checkpoint-*"))) == 2  # checkpoints_total_limit
+    progress = json.loads((killed / f"checkpoint-{steps}" / "progress-rank0.json").read_text())
+    assert progress["global_step"] == steps
+
+
+def test_corrupt_samples_are_skipped_and_counted(tiny_sd, tiny_t5, tmp_path):
+    data = make_folder(tmp_path / "data", n=6, corrupt=2)
+    out = train_mod.main(tiny_config(tiny_sd, tiny_t5, data, tmp_path / "run", max_train_steps=4,
+                                     checkpointing_steps=4))
+    progress = json.loads((out / "checkpoint-4" / "progress-rank0.json").read_text())
+    # 8 files per epoch, 2 unreadable, batches of 4: 4 steps = 2 epochs = 12 good samples, 4 skipped
+    assert (progress["samples_seen"], progress["skipped"]) == (12, 4)
+
+
+def test_trains_from_webdataset_shards(tiny_sd, tiny_t5, tmp_path):
+    import io
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i, colour in enumerate(COLOURS):
+                for name, payload in ((f"{s}{i:04d}.png", None), (f"{s}{i:04d}.txt", f"a {colour} square".encode())):
+                    if payload is None:
+                        buf = io.BytesIO()
+                        Image.new("RGB", (36, 36), COLOURS[colour]).save(buf, format="PNG")
+                        payload = buf.getvalue()
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    out = train_mod.main(tiny_config(tiny_sd, tiny_t5, shards, tmp_path / "run", max_train_steps=5))
+    progress = json.loads((out / "checkpoint-5" / "progress-rank0.json").read_text())
+    assert progress["epoch"] >= 1 and progress["samples_seen"] == 20  # 8 samples per epoch, batches of 4
+
+
+def test_trains_from_hf_dataset(tiny_sd, tiny_t5, tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (32, 40), rgb) for rgb in COLOURS.values()]
+    datasets.Dataset.from_dict({"img": images, "caption": [f"a {c} square" for c in COLOURS]}).save_to_disk(
+        tmp_path / "hf")
+    cfg = tiny_config(tiny_sd, tiny_t5, tmp_path, tmp_path / "run", max_train_steps=2, image_column="img",
+                      caption_column="caption")
+    cfg.train_data_dir, cfg.dataset_name = None, str(tmp_path / "hf")
+    assert (train_mod.main(cfg) / "ella.safetensors").is_file()
+
+
+def test_trains_from_cache_without_vae_or_llm(tiny_sd, tiny_t5, folder, tmp_path, captured):
+    from ella.cli import main as cli
+
+    cache = tmp_path / "cache"
+    assert cli(["cache", "--train_data_dir", str(folder), "--output", str(cache), "--pretrained_model_name_or_path",
+                str(tiny_sd), "--resolution", "32", "--features", "--llm_name_or_path", str(tiny_t5),
+                "--llm_max_length", "16", "--dataloader_num_workers", "0", "--shard_size", "5"]) == 0
+    out = train_mod.main(tiny_config(tiny_sd, tiny_t5, cache, tmp_path / "run", max_train_steps=3))
+    assert (out / "ella.safetensors").is_file()
+    unet, vae, llm = captured["models"][:3]
+    assert vae is None and llm is None  # neither is loaded when the cache holds latents and features
+
+
+def test_sdxl_style_unet_trains_pooled_head_with_time_ids(tiny_t5, folder, tmp_path, monkeypatch):
+    from tiny_models import TINY_SDXL_POOLED_DIM, build_tiny_sdxl
+
+    base = build_tiny_sdxl(tmp_path / "sdxl")
+    seen = {}
+    from diffusers import UNet2DConditionModel
+
+    original = UNet2DConditionModel.forward
+
+    def spy(self, *args, added_cond_kwargs=None, **kwargs):
+        seen["added"] = {k: v.detach().clone() for k, v in added_cond_kwargs.items()}
+        return original(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    cfg = tiny_config(base, tiny_t5, folder, tmp_path / "run", max_train_steps=2, checkpointing_steps=2,
+                      center_crop=True)
+    out = train_mod.main(cfg)
+    from ella import TimestepAwareSemanticConnector
+
+    connector = TimestepAwareSemanticConnector.from_single_file(out / "ella.safetensors")
+    assert connector.config.pooled_dim == TINY_SDXL_POOLED_DIM and connector.config.width == 48
+    assert seen["added"]["text_embeds"].shape == (4, TINY_SDXL_POOLED_DIM)
+    # images are 40x48 (w x h): shorter side 40 -> 32, so original (48, 40), centre crop top (38-32)/2=3, left 0
+    assert seen["added"]["time_ids"][0].tolist() == [48.0, 40.0, 3.0, 0.0, 32.0, 32.0]
+    init = load_file(out / "checkpoint-2" / "ella.safetensors")
+    assert all(torch.isfinite(v).all() for v in init.values())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(train_data_dir="EMPTY"), "no training samples"),
+        (dict(output_dir="UNWRITABLE"), "not writable"),
+        (dict(init_connector="WRONG_INPUT"), "LLM hidden size"),
+        (dict(init_connector="WRONG_WIDTH"), "cross_attention_dim"),
+        (dict(connector_heads=5), "not divisible"),
+    ],
+)
+def test_setup_errors_come_before_any_model_loads(tiny_sd, tiny_t5, folder, tmp_path, monkeypatch, change, message):
+    from conftest import tiny_connector
+
+    def forbidden(*a, **k):
+        raise AssertionError("models were loaded before the setup was checked")
+
+    monkeypatch.setattr(train_mod, "load_frozen", forbidden)
+    values = {}
+    for key, value in change.items():
+        if value == "EMPTY":
+            (tmp_path / "empty").mkdir()
+            value = str(tmp_path / "empty")
+        elif value == "UNWRITABLE":
+            blocker = tmp_path / "file"
+            blocker.write_text("x")
+            value = str(blocker / "out")
+        elif value == "WRONG_INPUT":
+            value = str(tmp_path / "c.safetensors")
+            tiny_connector(input_dim=12).save_single_file(value)
+        elif value == "WRONG_WIDTH":
+            value = str(tmp_path / "c.safetensors")
+            tiny_connector(width=24, heads=4).save_single_file(value)
+        values[key] = value
+    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", **values)
+    with pytest.raises(EllaError, match=message):
+        train_mod.main(cfg)
+
+
+def test_config_yaml_flags_and_bad_keys(tmp_path, capsys):
+    from ella.cli import build_parser
+    from ella.train.config import config_from_args
+
+    (tmp_path / "run.yaml").write_text("train_data_dir: d\nlearning_rate: 1e-5\nvalidation_prompts: [a cat]\n"
+                                       "train_batch_size: 8\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--train_batch_size", "2",
+                                      "--use_ema"])
+    cfg = config_from_args(args)
+    assert (cfg.learning_rate, cfg.train_batch_size, cfg.use_ema, cfg.validation_prompts) == (1e-5, 2, True, ["a cat"])
+    assert cfg.adam_weight_decay == 0.01 and cfg.lr_scheduler == "constant"  # the paper's recipe by default
+    with pytest.raises(EllaError, match="unknown key.*learning_rat"):
+        build_config({"train_data_dir": "d", "learning_rat": 1})
+    with pytest.raises(EllaError, match="train_batch_size in config must be int"):
+        build_config({"train_data_dir": "d", "train_batch_size": "big"})
+    with pytest.raises(EllaError, match="exactly one of"):
+        build_config({})
+    from ella.cli import main as cli
+
+    assert cli(["train", "--train_data_dir", "d", "--resolution", "33"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
