@@ -52,10 +52,41 @@ def build(args, device):
     unet = UNet2DConditionModel(**(TINY_UNET if args.tiny else SD15_UNET))
     connector = TimestepAwareSemanticConnector(**(dict(width=32, layers=2, heads=4, num_latents=8, input_dim=16,
                                                        time_channel=32, time_embed_dim=32) if args.tiny else {}))
-    t5 = T5EncoderModel(T5Config(**(TINY_T5 if args.tiny else FLAN_T5_XL))).eval().requires_grad_(False)
-    vae = AutoencoderKL(**(TINY_VAE if args.tiny else SD15_VAE)).eval().requires_grad_(False)
+    t5 = vae = None  # built only if a selected configuration reads them (T5-XL init takes a while)
+    if needs(args, "t5") or needs(args, "raw"):
+        t5 = T5EncoderModel(T5Config(**(TINY_T5 if args.tiny else FLAN_T5_XL))).eval().requires_grad_(False)
+    if needs(args, "raw"):
+        vae = AutoencoderKL(**(TINY_VAE if args.tiny else SD15_VAE)).eval().requires_grad_(False)
     sched = DDPMScheduler.from_config(SD15_SCHEDULER)
     return unet.eval().requires_grad_(False), connector.to(device), t5, vae, sched
+
+
+def plan(args) -> list[tuple[str, dict]]:
+    bf16 = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    b = 4 if args.tiny else 64
+    return [
+        ("naive", dict(batch=b, unet_dtype=torch.float32, channels_last=False, compile_unet=False, inputs="cached")),
+        ("bf16", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=False, inputs="cached")),
+        ("bf16+cl", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=False, inputs="cached")),
+        ("bf16+cl+compile", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached")),
+        ("bf16+cl+compile b128", dict(batch=2 * b, unet_dtype=bf16, channels_last=True, compile_unet=True,
+                                      inputs="cached")),
+        ("bf16+cl+compile t5", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="t5")),
+        ("bf16+cl+compile raw", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="raw")),
+        ("bf16+compile", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=True, inputs="cached")),
+        ("bf16+cl+compile b96", dict(batch=3 * b // 2, unet_dtype=bf16, channels_last=True, compile_unet=True,
+                                     inputs="cached")),
+        ("bf16+cl+compile+fuseqkv", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True,
+                                         inputs="cached", fuse_qkv=True)),
+        ("bf16+cl+compile+fuseqkv+tuned", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True,
+                                               inputs="cached", tuned=True)),
+        ("bf16+compile+flash+tuned", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=True,
+                                          inputs="cached", tuned=True, no_cudnn_attention=True)),
+    ]
+
+
+def needs(args, inputs: str) -> bool:
+    return any(kw["inputs"] == inputs for name, kw in plan(args) if not args.only or name in args.only)
 
 
 def count_unet_gflop(unet, device, latent: int, cross: int) -> float:
@@ -68,7 +99,8 @@ def count_unet_gflop(unet, device, latent: int, cross: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def run_config(name, models, args, device, *, batch, unet_dtype, channels_last, compile_unet, inputs):
+def run_config(name, models, args, device, *, batch, unet_dtype, channels_last, compile_unet, inputs,
+               fuse_qkv=False, tuned=False, no_cudnn_attention=False):
     from accelerate import Accelerator
 
     from ella.train.models import Dims
@@ -78,14 +110,26 @@ def run_config(name, models, args, device, *, batch, unet_dtype, channels_last, 
     unet = unet0.to(device, unet_dtype)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    unet_call = torch.compile(unet) if compile_unet else unet
+    if fuse_qkv:
+        unet.fuse_qkv_projections()
+    if no_cudnn_attention:  # torch picks cuDNN's SDPA on H100; try the flash-attention-2 kernels instead
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if tuned:  # diffusers' recommended inductor settings for SD UNets
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+    unet_call = torch.compile(unet, dynamic=False) if compile_unet else unet
     torch.manual_seed(1)
     connector = type(connector0)(**connector0.config).to(device).train()
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type != "cuda")
     optimizer = torch.optim.AdamW(connector.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
     connector, optimizer = accelerator.prepare(connector, optimizer)
-    t5.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for frozen in (t5, vae):
+        if frozen is not None:
+            frozen.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     res = 64 if args.tiny else 512
     latent = res // 8
     dims = Dims(connector0.config.input_dim, connector0.config.width, None, {})
@@ -133,21 +177,47 @@ def run_config(name, models, args, device, *, batch, unet_dtype, channels_last, 
         sync()
     except torch.OutOfMemoryError:
         row = {"config": name, "batch": batch, "inputs": inputs, "error": "out of memory"}
-        print(json.dumps(row), flush=True)
+        accelerator.print(json.dumps(row), flush=True)
         return row
     elapsed = time.perf_counter() - t0
     sps = batch * args.steps / elapsed
     row = {
-        "config": name, "batch": batch, "inputs": inputs, "samples_per_s": round(sps, 1),
+        "config": name, "batch": batch, "inputs": inputs, "processes": accelerator.num_processes,
+        "samples_per_s": round(sps, 1), "total_samples_per_s": round(sps * accelerator.num_processes, 1),
         "mfu": round(sps * UNET_GFLOP_PER_SAMPLE * 1e9 / H100_BF16_PEAK, 4),
         "step_ms": round(1000 * elapsed / args.steps, 1), "warmup_s": round(warm_s, 1),
         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
         "loss_finite": bool(torch.isfinite(loss).item()),
     }
-    print(json.dumps(row), flush=True)
+    accelerator.print(json.dumps(row), flush=True)
+    if args.profile == name:
+        profile_step(step, device)
     unet0.to(memory_format=torch.contiguous_format)
-    del optimizer, connector, accelerator
     return row
+
+
+def profile_step(step, device) -> None:
+    """Where a steady-state step's GPU time goes: the top kernels, and totals by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = sum(e.self_device_time_total for e in events)
+    kinds: dict[str, float] = {}
+    for e in events:
+        n = e.key.lower()
+        kind = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
+                "conv" if any(k in n for k in ("conv", "cudnn", "implicit", "dgrad", "wgrad", "xmma_fprop")) else
+                "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "matmul")) else
+                "triton/fused" if "triton" in n else
+                "norm" if "norm" in n else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+    print("GPU time by kind (ms): " + ", ".join(f"{k} {v / 1000:.1f}" for k, v in sorted(kinds.items(),
+          key=lambda kv: -kv[1])) + f"; total {total / 1000:.1f}", flush=True)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"  {e.self_device_time_total / 1000:8.1f} ms  x{e.count:<4} {e.key[:110]}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -157,46 +227,43 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", nargs="*", default=None, help="run only these config names")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    p.add_argument("--profile", default=None, help="profile one step of this config")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # torchrun --nproc_per_node N: the scaling run
+    device = state.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     models = build(args, device)
     gflop = count_unet_gflop(models[0].to(device), device, 8 if args.tiny else 64, models[0].config.cross_attention_dim)
-    print(f"UNet forward: {gflop:.1f} GFLOP per sample (counted); the issue uses 803", flush=True)
-    bf16 = torch.bfloat16 if device.type == "cuda" else torch.float32
-    b = 4 if args.tiny else 64
-    plan = [
-        ("naive", dict(batch=b, unet_dtype=torch.float32, channels_last=False, compile_unet=False, inputs="cached")),
-        ("bf16", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=False, inputs="cached")),
-        ("bf16+cl", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=False, inputs="cached")),
-        ("bf16+cl+compile", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached")),
-        ("bf16+cl+compile b128", dict(batch=2 * b, unet_dtype=bf16, channels_last=True, compile_unet=True,
-                                      inputs="cached")),
-        ("bf16+cl+compile t5", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="t5")),
-        ("bf16+cl+compile raw", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="raw")),
-    ]
+    state.print(f"UNet forward: {gflop:.1f} GFLOP per sample (counted); the issue uses 803", flush=True)
+    suffix = f"_ddp{state.num_processes}" if state.num_processes > 1 else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "unet_fwd_gflop_counted": round(gflop, 1), "steps": args.steps, "warmup": args.warmup}
     rows = []
-    for name, kw in plan:
+    for name, kw in plan(args):
         if args.only and name not in args.only:
             continue
         rows.append(run_config(name, models, args, device, **kw))
-        (out / "bench_train.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))  # partial too
+        if state.is_main_process:  # after every row: a run cut short keeps what it measured
+            (out / f"bench_train{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if not state.is_main_process:
+        return 0
     lines = [f"device: {meta['device']}, torch {meta['torch']}, UNet fwd {gflop:.1f} GFLOP/sample (counted)", "",
-             "| config | inputs | batch | samples/s | MFU | step ms | peak GB |", "|---|---|---|---|---|---|---|"]
+             "| config | inputs | processes | batch/GPU | samples/s/GPU | total samples/s | MFU | step ms | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['inputs']} | {r['batch']} | {r['error']} | | | |")
+            lines.append(f"| {r['config']} | {r['inputs']} | | {r['batch']} | {r['error']} | | | | |")
         else:
-            lines.append(f"| {r['config']} | {r['inputs']} | {r['batch']} | {r['samples_per_s']} | "
-                         f"{100 * r['mfu']:.1f}% | {r['step_ms']} | {r['peak_gb']} |")
-    (out / "bench_train.md").write_text("\n".join(lines) + "\n")
+            lines.append(f"| {r['config']} | {r['inputs']} | {r['processes']} | {r['batch']} | {r['samples_per_s']} | "
+                         f"{r['total_samples_per_s']} | {100 * r['mfu']:.1f}% | {r['step_ms']} | {r['peak_gb']} |")
+    (out / f"bench_train{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

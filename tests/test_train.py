@@ -166,7 +166,8 @@ def test_sigkill_and_resume_is_bit_identical(tiny_sd, tiny_t5, folder, tmp_path)
 def test_corrupt_samples_are_skipped_and_counted(tiny_sd, tiny_t5, tmp_path):
     data = make_folder(tmp_path / "data", n=6, corrupt=2)
     out = train_mod.main(tiny_config(tiny_sd, tiny_t5, data, tmp_path / "run", max_train_steps=4,
-                                     checkpointing_steps=4))
+                                     checkpointing_steps=4, gradient_checkpointing=True, snr_gamma=5.0,
+                                     noise_offset=0.05))
     progress = json.loads((out / "checkpoint-4" / "progress-rank0.json").read_text())
     # 8 files per epoch, 2 unreadable, batches of 4: 4 steps = 2 epochs = 12 good samples, 4 skipped
     assert (progress["samples_seen"], progress["skipped"]) == (12, 4)
@@ -189,9 +190,14 @@ def test_trains_from_webdataset_shards(tiny_sd, tiny_t5, tmp_path):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    out = train_mod.main(tiny_config(tiny_sd, tiny_t5, shards, tmp_path / "run", max_train_steps=5))
+    out = train_mod.main(tiny_config(tiny_sd, tiny_t5, shards, tmp_path / "run", max_train_steps=5,
+                                     validation_prompts=["a red square", "a blue square"], validation_steps=5,
+                                     validation_inference_steps=2, report_to="tensorboard"))
     progress = json.loads((out / "checkpoint-5" / "progress-rank0.json").read_text())
     assert progress["epoch"] >= 1 and progress["samples_seen"] == 20  # 8 samples per epoch, batches of 4
+    grid = Image.open(out / "validation" / "step-0000005.png")
+    assert grid.size == (2 * 32, 32)  # one image per validation prompt, side by side
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no tensorboard log written"
 
 
 def test_trains_from_hf_dataset(tiny_sd, tiny_t5, tmp_path):
@@ -306,3 +312,49 @@ def test_config_yaml_flags_and_bad_keys(tmp_path, capsys):
 
     assert cli(["train", "--train_data_dir", "d", "--resolution", "33"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_two_process_ddp_on_cpu(tiny_sd, tiny_t5, folder, tmp_path):
+    """`torchrun --nproc_per_node 2` runs DDP over CPU processes (gloo), each with its own progress file."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ella.cli", "train",
+           "--pretrained_model_name_or_path", str(tiny_sd), "--llm_name_or_path", str(tiny_t5),
+           "--train_data_dir", str(folder), "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2",
+           "--max_train_steps", "3", "--checkpointing_steps", "3", "--connector_layers", "1", "--connector_heads", "4",
+           "--connector_num_latents", "8", "--llm_max_length", "16", "--dataloader_num_workers", "0",
+           "--report_to", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [json.loads((out / "checkpoint-3" / f"progress-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert sum(r["samples_seen"] for r in ranks) == 2 * 2 * 3  # two processes, batch 2 each, 3 steps
+    assert (out / "ella.safetensors").is_file()
+
+
+def test_min_snr_weighting_matches_an_independent_formula(tiny_sd):
+    """Min-SNR-5 loss = mean over samples of min(SNR, 5)/SNR × MSE, SNR = ᾱ/(1-ᾱ) (Hang et al. 2023)."""
+    from conftest import tiny_connector
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from ella.train.models import Dims
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").requires_grad_(False)
+    sched = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    connector = tiny_connector(seed=2)
+    latents, feats = torch.randn(6, 4, 4, 4), torch.randn(6, 5, 16)
+    dims = Dims(16, 32, None, {})
+    with torch.no_grad():
+        weighted = train_mod.diffusion_loss(connector, unet, sched, latents, feats, None, dims=dims, snr_gamma=5.0,
+                                            generator=torch.Generator().manual_seed(4))
+        g = torch.Generator().manual_seed(4)  # replay the same draws: noise, then timesteps
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (6,), generator=g)
+        abar = sched.alphas_cumprod[t]
+        noisy = abar.sqrt().view(-1, 1, 1, 1) * latents + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise
+        pred = unet(noisy, t, encoder_hidden_states=connector(feats, t)).sample
+        mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        snr = abar / (1 - abar)
+        expected = (torch.clamp(snr, max=5.0) / snr * mse).mean()
+    assert torch.allclose(weighted, expected, rtol=1e-5), (weighted, expected)
+    assert not torch.allclose(weighted, mse.mean(), rtol=1e-3)  # the weighting did something

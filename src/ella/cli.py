@@ -137,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     out = train_main(config)
-    print(out / "ella.safetensors")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, say it once
+        print(out / "ella.safetensors")
     return 0
 
 

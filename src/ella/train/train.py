@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ def main(cfg: TrainConfig) -> Path:
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets `torchrun`/`accelerate launch` run DDP over CPU processes too
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -69,6 +71,12 @@ def main(cfg: TrainConfig) -> Path:
                            rank=accelerator.process_index, world_size=accelerator.num_processes)
     cache = getattr(dataset, "index", None)  # an `ella cache` directory: latents (and maybe features) precomputed
     cached_llm = (cache or {}).get("llm")
+    if cached_llm and cached_llm["max_length"] != cfg.llm_max_length:
+        raise EllaError(f"the cache's LLM features are {cached_llm['max_length']} tokens long but --llm_max_length is "
+                        f"{cfg.llm_max_length}; use the same length (validation and inference encode with it)")
+    if cached_llm and cached_llm["name"] != cfg.llm_name_or_path:
+        warnings.warn(f"the cache's features come from {cached_llm['name']!r}, but --llm_name_or_path is "
+                      f"{cfg.llm_name_or_path!r} (used for validation and recorded with the weights)", stacklevel=2)
     if cache and cache["resolution"] != cfg.resolution:
         raise EllaError(f"the cache at {cfg.train_data_dir} was made at resolution {cache['resolution']}, "
                         f"but --resolution is {cfg.resolution}")
@@ -87,18 +95,19 @@ def main(cfg: TrainConfig) -> Path:
                         f"{cfg.pretrained_model_name_or_path}")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    # On an H100 compile gives 1.27x (benchmarks/RESULTS.md); channels_last did not help the compiled UNet.
     unet_forward = torch.compile(unet) if cfg.torch_compile else unet
 
     # ---- Optimizer (AdamW, paper: constant lr, weight decay 0.01), lr schedule, EMA
-    optimizer_cls = torch.optim.AdamW
+    optimizer_cls, extra = torch.optim.AdamW, {"fused": device.type == "cuda"}  # fused: one kernel per step
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise EllaError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_cls = bnb.optim.AdamW8bit
+        optimizer_cls, extra = bnb.optim.AdamW8bit, {}
     optimizer = optimizer_cls(connector.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **extra)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
