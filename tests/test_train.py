@@ -346,8 +346,8 @@ def test_min_snr_weighting_matches_an_independent_formula(tiny_sd):
     dims = Dims(16, 32, None, {})
     with torch.no_grad():
         weighted = train_mod.diffusion_loss(connector, unet, sched, latents, feats, None, dims=dims, snr_gamma=5.0,
-                                            generator=torch.Generator().manual_seed(4))
-        g = torch.Generator().manual_seed(4)  # replay the same draws: noise, then timesteps
+                                            generator=torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(2)  # replay the same draws: noise, then timesteps
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (6,), generator=g)
         abar = sched.alphas_cumprod[t]
@@ -357,4 +357,5 @@ def test_min_snr_weighting_matches_an_independent_formula(tiny_sd):
         snr = abar / (1 - abar)
         expected = (torch.clamp(snr, max=5.0) / snr * mse).mean()
     assert torch.allclose(weighted, expected, rtol=1e-5), (weighted, expected)
+    assert (snr > 5).any()  # this seed draws low-noise timesteps, where the weight is below 1
     assert not torch.allclose(weighted, mse.mean(), rtol=1e-3)  # the weighting did something
