@@ -265,6 +265,25 @@ def _clip_tokenizer_files() -> dict[str, str]:
 # --------------------------------------------------------------------------- #
 # Stable Diffusion 1.5                                                        #
 # --------------------------------------------------------------------------- #
+def _tiny_vae(scaling_factor: float, **extra):
+    """4 blocks of 8 channels: ``vae_scale_factor == 8`` as in SD's VAE; SD1.5 and SDXL differ in scaling only."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=TINY_SD15_SAMPLE_SIZE * TINY_SD15_VAE_SCALE_FACTOR,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
 def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     """Write a tiny random Stable Diffusion 1.5 pipeline to ``path`` and return it.
 
@@ -296,7 +315,7 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
 
     Same ``seed`` => byte-identical safetensors files.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -320,18 +339,7 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
             norm_num_groups=8,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=TINY_SD15_SAMPLE_SIZE * TINY_SD15_VAE_SCALE_FACTOR,
-            scaling_factor=0.18215,
-        )
+        vae = _tiny_vae(scaling_factor=0.18215)
         torch.manual_seed(seed + 2)
         text_config = CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -454,7 +462,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 
     Same ``seed`` => byte-identical safetensors files.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
@@ -501,19 +509,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
             norm_num_groups=8,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=TINY_SD15_SAMPLE_SIZE * TINY_SD15_VAE_SCALE_FACTOR,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(text_config(tokenizer, dim_1, 2, "quick_gelu", dim_1)).eval()
         torch.manual_seed(seed + 3)
