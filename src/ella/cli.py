@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(gen)
     add_bench_parser(sub)
     add_train_parsers(sub)
+    add_shapes_parser(sub)
+    demo = sub.add_parser("demo", help="offline: the shipped mini ELLA draws dense prompts, each question marked",
+                          description="Draws a few held-out shapes-world prompts with the mini model shipped in the "
+                          "package (no download) and writes one PNG with each question's PASS/FAIL.")
+    demo.add_argument("--out", default="ella-demo.png")
+    demo.add_argument("--model", default=None, help="an exported shapes model dir (default: the packaged one)")
+    demo.add_argument("--items", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--steps", type=int, default=25)
+    demo.add_argument("--kind", choices=("ella", "base"), default="ella", help="base: the weak-encoder model alone")
     return parser
 
 
@@ -131,6 +141,55 @@ def add_train_parsers(sub) -> None:
     cache.add_argument("--seed", type=int, default=0, help="seeds random crops/flips (fixed once cached)")
 
 
+def add_shapes_parser(sub) -> None:
+    from dataclasses import fields
+
+    from .shapes.recipe import Recipe
+
+    shapes = sub.add_parser("shapes", help="the shapes world: a complete mini ELLA trained from scratch")
+    shapes_sub = shapes.add_subparsers(dest="shapes", metavar="ACTION", required=True)
+    rep = shapes_sub.add_parser(
+        "reproduce",
+        help="retrain everything (world, VAE, base UNet, connectors) and score it; resumable",
+        description="Every stage writes under --out and is skipped when its output exists, so the same command "
+        "resumes an interrupted run. --smoke: a CPU-sized run of every stage (seconds).",
+    )
+    rep.add_argument("--smoke", action="store_true")
+    for f in fields(Recipe):
+        if f.name in ("variants",):
+            rep.add_argument("--variants", nargs="+", default=None, help=f"default: {' '.join(f.default)}")
+        else:
+            rep.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                             help=f"default: {f.default!r}")
+
+
+def cmd_shapes(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import fields, replace
+
+    from .shapes.recipe import Recipe, reproduce
+
+    recipe = Recipe.smoke(args.out or "shapes-smoke") if args.smoke else Recipe()
+    given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
+    if "variants" in given:
+        given["variants"] = tuple(given["variants"])
+    result = reproduce(replace(recipe, **given))
+    print(json.dumps({"scores": {k: round(v["overall"], 2) for k, v in result["scores"].items()},
+                      "seconds": result["seconds"]}, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .shapes.demo import run_demo
+
+    if args.items < 1 or args.steps < 1:
+        raise EllaError("--items and --steps must be at least 1")
+    result = run_demo(args.out, model=args.model, items=args.items, seed=args.seed, steps=args.steps, kind=args.kind)
+    print(f"{result['out']}: {result['questions_passed']}/{result['questions']} questions pass "
+          f"({result['seconds_per_image']} s per image)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.config import config_from_args
     from .train.train import main as train_main
@@ -216,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(args)
-        return {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache}[args.command](args)
+        commands = {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache, "shapes": cmd_shapes,
+                    "demo": cmd_demo}
+        return commands[args.command](args)
     except EllaError as err:
         print(f"ella: error: {err}", file=sys.stderr)
         return 2

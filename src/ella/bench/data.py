@@ -69,7 +69,7 @@ class Benchmark:
 
     def settings(self) -> dict:
         return {"benchmark": self.name, "csv": str(self.csv_path), "csv_blob": self.csv_blob,
-                "official_csv": self.csv_blob == {"dpg": DPG_CSV_BLOB, "dsg1k": DSG1K_CSV_BLOB}[self.name],
+                "official_csv": self.csv_blob == {"dpg": DPG_CSV_BLOB, "dsg1k": DSG1K_CSV_BLOB}.get(self.name),
                 "ignored_dependency_entries": self.ignored_parents}
 
 

@@ -1,0 +1,15 @@
+"""The shapes world: a procedural world where ELLA is trained and measured end to end, offline.
+
+Scenes of coloured shapes on a 3x3 grid (``world``), dense captions of them (``captions``), their
+question graphs in DPG-Bench's schema (``questions``) and a judge that answers those questions
+from pixels (``oracle``) — so ``ella.bench.dpg`` scores a generator on this world exactly as on
+DPG-Bench, with no downloads and no learned VQA model in the loop.
+"""
+
+from .captions import caption, caption_for
+from .oracle import ShapesOracle
+from .questions import questions, shapes_benchmark, write_csv
+from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, Obj, Scene, render, sample_scene, scene_for
+
+__all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "SIZES", "Obj", "Scene", "ShapesOracle", "caption", "caption_for",
+           "questions", "render", "sample_scene", "scene_for", "shapes_benchmark", "write_csv"]

@@ -1,0 +1,334 @@
+"""``ella shapes reproduce``: train the whole mini ELLA from nothing, in stages, each resumable by its output.
+
+1. **world** — render ``n_train`` scenes and their dense captions into webdataset tar shards;
+2. **vae** — a small f=4 VAE (64x64x3 -> 16x16x4) on those renders; scaling factor = 1/std of latents;
+3. **cache** — ``ella cache`` the latents with that VAE (the trainer and the base loop read them);
+4. **base** — the UNet conditioned on the weak 20-token encoder, trained and then frozen;
+5. **connectors** — the issue-4 trainer (``ella.train.train.main``) with MiniLM as the LLM, one run per
+   Table 6 variant: ``tsc``, ``resampler`` (no timestep), ``mlp``;
+6. **eval** — shapes-DPG for the base and every connector (``evaluate.py``).
+
+A stage whose output exists is skipped, so a run cut off (e.g. by a GPU-time limit) resumes with the
+same command. Values are plain dataclass fields (nanoGPT style); ``smoke=True`` shrinks everything
+so the whole recipe runs in seconds on a CPU (the test suite does that).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..loading import atomic_path
+from . import models as M
+
+VARIANTS = ("tsc", "resampler", "mlp")
+
+
+@dataclass
+class Recipe:
+    out: str = "shapes-run"
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    n_train: int = 100_000  # scenes (one caption each)
+    shard_size: int = 10_000
+    vae_steps: int = 3_000
+    vae_batch: int = 256
+    vae_lr: float = 1e-3
+    base_steps: int = 20_000
+    base_batch: int = 512
+    base_lr: float = 3e-4
+    base_caption_dropout: float = 0.1
+    connector_steps: int = 6_000
+    connector_batch: int = 256
+    connector_lr: float = 3e-4  # the paper's 1e-4 is for a 67M connector on 34M pairs; this one is small
+    variants: tuple[str, ...] = VARIANTS
+    eval_items: int = 200  # held-out scenes, 4 seeds each (the DPG-Bench protocol)
+    eval_steps: int = 25
+    eval_guidance: float = 5.0
+    log_every: int = 100
+
+    @classmethod
+    def smoke(cls, out: str) -> Recipe:
+        """CPU-sized: every stage runs, on a handful of samples and steps."""
+        return cls(out=out, device="cpu", n_train=24, shard_size=12, vae_steps=3, vae_batch=4, base_steps=3,
+                   base_batch=4, connector_steps=2, connector_batch=4, eval_items=2, eval_steps=2, log_every=1)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+
+def log(msg: str) -> None:
+    print(f"[shapes {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------- 1. world
+
+
+def make_world(r: Recipe) -> Path:
+    """Tar shards in img2dataset layout (``key.png`` + ``key.txt``): any trainer data path reads them."""
+    shards = r.root / "world"
+    done = shards / "done.json"
+    if done.is_file():
+        return shards
+    shards.mkdir(parents=True, exist_ok=True)
+    jobs = [(r.seed, start, min(start + r.shard_size, r.n_train), shards / f"{start // r.shard_size:05d}.tar")
+            for start in range(0, r.n_train, r.shard_size)]
+    with parallel() as pool:
+        pool.map(_write_shard, jobs)
+    done.write_text(json.dumps({"n_train": r.n_train, "seed": r.seed}))
+    log(f"world: {r.n_train} scenes in {shards}")
+    return shards
+
+
+def parallel():
+    """A process pool over the CPU cores (rendering is pure PIL, so fork is safe and fast)."""
+    import multiprocessing
+    import os
+
+    return multiprocessing.get_context("fork").Pool(max(1, min(16, os.cpu_count() or 1)))
+
+
+def _write_shard(job: tuple[int, int, int, Path]) -> None:
+    from .captions import caption_for
+    from .world import render, scene_for
+
+    seed, start, stop, path = job
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for i in range(start, stop):
+            buf = io.BytesIO()
+            render(scene_for(seed, i), size=M.RESOLUTION).save(buf, format="PNG")
+            for name, payload in ((f"{i:07d}.png", buf.getvalue()), (f"{i:07d}.txt", caption_for(seed, i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def _render_range(job: tuple[int, int, int]) -> np.ndarray:
+    from .world import render, scene_for
+
+    seed, start, stop = job
+    return np.stack([np.asarray(render(scene_for(seed, i), size=M.RESOLUTION)) for i in range(start, stop)])
+
+
+def load_world_images(r: Recipe) -> torch.Tensor:
+    """All renders as one uint8 tensor [N, 3, 64, 64] (100k scenes: 1.2 GB) for the VAE stage."""
+    jobs = [(r.seed, s, min(s + r.shard_size, r.n_train)) for s in range(0, r.n_train, r.shard_size)]
+    with parallel() as pool:
+        parts = pool.map(_render_range, jobs)
+    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------- 2. vae
+
+
+def train_vae(r: Recipe) -> Path:
+
+    path = r.root / "vae"
+    if (path / "config.json").is_file():
+        return path
+    device = torch.device(r.device)
+    images = load_world_images(r).to(device)
+    vae = M.new_vae(r.seed).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    gen = torch.Generator(device).manual_seed(r.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for step in range(1, r.vae_steps + 1):
+        idx = torch.randint(0, len(images), (r.vae_batch,), generator=gen, device=device)
+        x = images[idx].float() / 127.5 - 1
+        with autocast:
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=gen)).sample
+        # Reconstruction dominates; a tiny KL keeps the latent space smooth enough for diffusion.
+        loss = F.mse_loss(recon.float(), x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % r.log_every == 0 or step == r.vae_steps:
+            log(f"vae step {step}/{r.vae_steps} loss {loss.item():.5f}")
+    vae.eval()
+    with torch.no_grad():  # SD's recipe: scale latents to unit variance for the diffusion model
+        x = images[: min(len(images), 2048)].float() / 127.5 - 1
+        std = torch.cat([vae.encode(b).latent_dist.mode() for b in x.split(256)]).float().std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    staging = r.root / ".vae.tmp"
+    vae.save_pretrained(staging)
+    staging.rename(path)
+    log(f"vae: latent std {std:.4f} -> scaling_factor {1 / std:.4f}")
+    return path
+
+
+def write_base(r: Recipe, unet, vae_path: Path) -> Path:
+    """A StableDiffusionPipeline directory: VAE, UNet, weak encoder + its tokenizer, DDIM (trailing, v-pred)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    encoder, tokenizer = M.weak_text_encoder()
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_path), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(M.SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = r.root / "base"
+    staging = r.root / ".base.tmp"
+    pipe.save_pretrained(staging, safe_serialization=True)
+    staging.rename(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- 3. cache
+
+
+def cache_latents(r: Recipe, world: Path, vae_path: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    from ..train.cache import write_cache
+    from ..train.data import Augment, open_dataset
+
+    path = r.root / "cache"
+    if (path / "cache.json").is_file():
+        return path
+    dataset = open_dataset(str(world), Augment(resolution=M.RESOLUTION, center_crop=True, caption_dropout=0.0))
+    write_cache(dataset, path, AutoencoderKL.from_pretrained(vae_path), batch_size=256 if r.device != "cpu" else 8,
+                shard_size=r.shard_size, device=r.device, source=str(world), base=str(vae_path), progress=False)
+    return path
+
+
+def cached_latents_and_captions(cache: Path) -> tuple[torch.Tensor, list[str]]:
+    from safetensors.torch import load_file
+
+    from ..train.cache import read_cache_index
+
+    index = read_cache_index(cache)
+    latents, captions = [], []
+    for shard in index["shards"]:
+        latents.append(load_file(cache / f"{shard['name']}.safetensors")["latents"])
+        captions += json.loads((cache / f"{shard['name']}.json").read_text())["captions"]
+    return torch.cat(latents), captions
+
+
+# ----------------------------------------------------------------------------------- 4. base
+
+
+def train_base(r: Recipe, cache: Path, vae_path: Path) -> Path:
+    """The frozen base: UNet on cached latents, conditioned on the weak encoder (first 20 tokens only)."""
+    from diffusers.training_utils import EMAModel
+
+    path = r.root / "base"
+    if (path / "model_index.json").is_file():
+        return path
+    device = torch.device(r.device)
+    latents, captions = cached_latents_and_captions(cache)
+    latents = latents.to(device)
+    encoder, tokenizer = M.weak_text_encoder()
+    encoder.to(device)
+    with torch.no_grad():  # the weak encoder is frozen and non-contextual: encode every caption once
+        conds = []
+        for i in range(0, len(captions), 1024):
+            ids = tokenizer(captions[i:i + 1024] + [""], padding="max_length", max_length=M.WEAK_MAX_LENGTH,
+                            truncation=True, return_tensors="pt").to(device)
+            conds.append(encoder(**ids)[0].to(torch.bfloat16))
+        empty = conds[-1][-1]
+        conds = torch.cat([c[:-1] for c in conds])
+    unet = M.new_unet(r.seed).to(device).train()
+    ema = EMAModel(unet.parameters(), decay=0.999)
+    sched = M.new_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=r.base_lr, weight_decay=0.01)
+    gen = torch.Generator(device).manual_seed(r.seed + 1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.perf_counter()
+    for step in range(1, r.base_steps + 1):
+        idx = torch.randint(0, len(latents), (r.base_batch,), generator=gen, device=device)
+        x0 = latents[idx].float()
+        cond = conds[idx].float()
+        drop = torch.rand(r.base_batch, generator=gen, device=device) < r.base_caption_dropout
+        cond[drop] = empty.float()
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (r.base_batch,), generator=gen, device=device)
+        with autocast:
+            pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), sched.get_velocity(x0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        if step % r.log_every == 0 or step == r.base_steps:
+            rate = step * r.base_batch / (time.perf_counter() - t0)
+            log(f"base step {step}/{r.base_steps} loss {loss.item():.4f} ({rate:.0f} samples/s)")
+    ema.copy_to(unet.parameters())
+    return write_base(r, unet.eval().to("cpu"), vae_path)
+
+
+# ----------------------------------------------------------------------------- 5. connectors
+
+
+def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
+    """One issue-4 trainer run per variant; the connector architecture comes from ``models.CONNECTOR_CONFIG``."""
+    from ..train.config import build_config
+    from ..train.train import main as train
+
+    out = {}
+    for variant in r.variants:
+        run = r.root / f"connector-{variant}"
+        out[variant] = run
+        if (run / "ella.safetensors").is_file():
+            continue
+        init = r.root / f"init-{variant}.safetensors"
+        M.new_connector(variant, seed=r.seed).save_single_file(init)
+        cfg = build_config(dict(
+            pretrained_model_name_or_path=str(base), llm_name_or_path=str(M.minilm_path()), train_data_dir=str(cache),
+            init_connector=str(init), connector_variant=variant, output_dir=str(run), resolution=M.RESOLUTION,
+            llm_max_length=M.LLM_MAX_LENGTH, train_batch_size=r.connector_batch, max_train_steps=r.connector_steps,
+            learning_rate=r.connector_lr, checkpointing_steps=max(1, r.connector_steps // 4), checkpoints_total_limit=1,
+            resume_from_checkpoint="latest", dataloader_num_workers=0 if r.device == "cpu" else 8,
+            report_to="none" if r.device == "cpu" else "tensorboard", seed=r.seed,
+            logging_steps=r.log_every,
+        ))
+        log(f"connector {variant}: {M.param_count(M.new_connector(variant)) / 1e6:.2f}M parameters")
+        train(cfg)
+    return out
+
+
+def reproduce(r: Recipe) -> dict:
+    """Every stage in order (finished ones skipped); returns the paths and the wall time per stage."""
+    r.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(r.root / "recipe.json") as tmp:
+        tmp.write_text(json.dumps(asdict(r), indent=2))
+    times, t = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        times[name] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+
+    world = make_world(r)
+    lap("world")
+    vae = train_vae(r)
+    lap("vae")
+    cache = cache_latents(r, world, vae)
+    lap("cache")
+    base = train_base(r, cache, vae)
+    lap("base")
+    connectors = train_connectors(r, cache, base)
+    lap("connectors")
+    from .evaluate import evaluate
+
+    scores = evaluate(base, connectors, r.root / "eval", n_items=r.eval_items, seed=r.seed, steps=r.eval_steps,
+                      guidance=r.eval_guidance, device=r.device, progress=r.device != "cpu")
+    lap("eval")
+    result = {"base": str(base), "connectors": {k: str(v) for k, v in connectors.items()}, "scores": scores,
+              "seconds": times}
+    with atomic_path(r.root / "reproduce.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    return result
+
+
+

