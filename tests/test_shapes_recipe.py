@@ -21,6 +21,8 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     first = json.loads((out / "reproduce.json").read_text())
     assert set(first["scores"]) == {"base (weak encoder)", "+tsc", "+resampler", "+mlp"}
     assert all(0.0 <= r["overall"] <= 100.0 for r in first["scores"].values())
+    assert {p.name for p in (out / "eval").glob("*.png")} == {"base-weak-encoder.png", "tsc.png", "resampler.png",
+                                                              "mlp.png"}  # one grid picture per table row
     assert (out / "base" / "model_index.json").is_file() and (out / "base" / "text_encoder").is_dir()
     vae_config = json.loads((out / "base" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215  # measured from the trained VAE's latents, not SD's constant
@@ -55,3 +57,10 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     assert Image.open(demo).width > 64 * 3
     with pytest.raises(EllaError, match="no shapes model"):
         load_shapes_pipeline(tmp_path / "nothing")
+    # `ella generate --model DIR`: the same files through the ordinary generate path (64 px, sidecar)
+    gen = tmp_path / "gen"
+    assert cli(["generate", "two small red circles on a white background", "--model", str(model), "--steps", "2",
+                "--out", str(gen)]) == 0
+    (png,) = gen.glob("*.png")
+    assert Image.open(png).size == (64, 64)
+    assert json.loads(png.with_suffix(".json").read_text())["models"]["model"] == str(model)

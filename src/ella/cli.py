@@ -31,10 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="+", help="one or more prompts (dense, detailed prompts are ELLA's strength)")
     gen.add_argument("--negative", default="", help="negative prompt (default: empty, as released)")
     gen.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale (lower, e.g. 7, blurs less)")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help=f"CFG scale (default {DEFAULT_GUIDANCE}, shapes model 5; lower, e.g. 7, blurs less)")
     gen.add_argument("--seed", type=int, default=DEFAULT_SEED, help="image k uses seed + k")
-    gen.add_argument("--width", type=int, default=DEFAULT_SIZE)
-    gen.add_argument("--height", type=int, default=DEFAULT_SIZE)
+    gen.add_argument("--width", type=int, default=None, help=f"default {DEFAULT_SIZE} (shapes model: 64)")
+    gen.add_argument("--height", type=int, default=None, help=f"default {DEFAULT_SIZE} (shapes model: 64)")
+    gen.add_argument("--model", default=None,
+                     help="'shapes' (the mini ELLA shipped in the package) or an exported shapes model dir; "
+                     "replaces --base/--ella/--llm")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--out", default="ella-out", help="output directory (default: ./ella-out)")
     add_model_flags(gen)
@@ -212,12 +216,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .loading import load_pipeline, scheduler_class
     from .sample import SampleSettings, generate_to_dir
 
+    shapes = args.model is not None
+    size = 64 if shapes else DEFAULT_SIZE
     settings = SampleSettings(
         negative_prompt=args.negative,
         steps=args.steps,
-        guidance=args.guidance,
-        width=args.width,
-        height=args.height,
+        guidance=args.guidance if args.guidance is not None else (5.0 if shapes else DEFAULT_GUIDANCE),
+        width=args.width or size,
+        height=args.height or size,
         seed=args.seed,
         num_images=args.num_images,
     )
@@ -226,6 +232,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompt.strip():
             raise EllaError(f"prompt {i} is empty: describe the image")
     scheduler_class(args.scheduler)  # an unknown name fails here, before loading gigabytes
+    if shapes:
+        from .shapes.ship import load_shapes_pipeline
+
+        pipe = load_shapes_pipeline(None if args.model == "shapes" else args.model, device=args.device or "cpu")
+        for path in generate_to_dir(pipe, args.prompt, settings, args.out, {"model": args.model}):
+            print(path)
+        return 0
     pipe = load_pipeline(
         args.base,
         args.ella,

@@ -54,6 +54,7 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
         items, errors = score_items(benchmark, row_dir, oracle)
         result = aggregate(benchmark, items, errors, official_compat=False)
         results[name] = {k: result[k] for k in ("overall", "categories", "subcategories", "num_items")}
+        montage(row_dir, list(benchmark.prompts)[:8], out / f"{slug(name)}.png")
         del pipe
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps({"settings": {"n_items": n_items, "seed": seed, "steps": steps,
@@ -63,8 +64,24 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
     return results
 
 
+def montage(row_dir: Path, item_ids: list[str], path: Path) -> Path:
+    """The first items' 2x2 grids side by side: one picture per table row, same prompts in every row."""
+    from PIL import Image
+
+    grids = [Image.open(row_dir / f"{i}.png") for i in item_ids]
+    sheet = Image.new("RGB", (sum(g.width for g in grids) + 4 * (len(grids) - 1), grids[0].height), "white")
+    x = 0
+    for g in grids:
+        sheet.paste(g, (x, 0))
+        x += g.width + 4
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
+
+
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    """``"base (weak encoder)"`` -> ``"base-weak-encoder"``, ``"+tsc"`` -> ``"tsc"``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
 
 
 def to_markdown(results: dict) -> str:

