@@ -38,6 +38,24 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     assert second["scores"] == first["scores"]
     assert second["seconds"]["base"] < 1.0 and second["seconds"]["connectors"] < 1.0
 
+    # a bundle carries the trained stages to another machine (≤ 8 files of ≤ 16 MiB); restored there, reproduce
+    # rebuilds only the deterministic world and cache, and the base UNet comes back bit-identical (stored fp16,
+    # and the base is rounded to fp16 when written)
+    from safetensors.torch import load_file
+
+    bundle = tmp_path / "bundle"
+    assert cli(["shapes", "reproduce", "--smoke", "--out", str(out), "--until", "connectors", "--bundle",
+                str(bundle)]) == 0
+    files = list(bundle.iterdir())
+    assert len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)
+    run2 = tmp_path / "run2"
+    assert cli(["shapes", "reproduce", "--smoke", "--out", str(run2), "--from-bundle", str(bundle)]) == 0
+    third = json.loads((run2 / "reproduce.json").read_text())
+    assert third["seconds"]["vae"] < 1.0 and third["seconds"]["base"] < 1.0 and third["seconds"]["connectors"] < 1.0
+    a, b = load_file(unet), load_file(run2 / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(third["scores"]) == set(first["scores"])
+
     # the run exports like the shipped model: fp16 files under 30 MB, loadable by both pipeline kinds, and
     # `ella demo --model` writes its PASS/FAIL sheet (the scores of a 3-step model mean nothing)
     from PIL import Image

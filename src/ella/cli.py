@@ -159,6 +159,10 @@ def add_shapes_parser(sub) -> None:
         "resumes an interrupted run. --smoke: a CPU-sized run of every stage (seconds).",
     )
     rep.add_argument("--smoke", action="store_true")
+    rep.add_argument("--until", default="eval", help="stop after this stage: world, vae, cache, base, connectors, eval")
+    rep.add_argument("--from-bundle", default=None, help="restore trained stages from a bundle dir first")
+    rep.add_argument("--bundle", default=None, help="afterwards, write the trained stages to this dir "
+                     "(≤ 8 files of ≤ 16 MiB: what a GPU call can hand back)")
     for f in fields(Recipe):
         if f.name in ("variants",):
             rep.add_argument("--variants", nargs="+", default=None, help=f"default: {' '.join(f.default)}")
@@ -177,9 +181,22 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
     if "variants" in given:
         given["variants"] = tuple(given["variants"])
-    result = reproduce(replace(recipe, **given))
-    print(json.dumps({"scores": {k: round(v["overall"], 2) for k, v in result["scores"].items()},
-                      "seconds": result["seconds"]}, indent=2))
+    recipe = replace(recipe, **given)
+    if args.from_bundle:
+        from pathlib import Path
+
+        from .shapes.bundle import restore_bundle
+
+        print(f"restored {restore_bundle(Path(args.from_bundle), recipe.root)}")
+    result = reproduce(recipe, until=args.until)
+    if args.bundle:
+        from pathlib import Path
+
+        from .shapes.bundle import write_bundle
+
+        print(f"bundle: {[p.name for p in write_bundle(recipe.root, Path(args.bundle))]}")
+    scores = {k: round(v["overall"], 2) for k, v in result.get("scores", {}).items()}
+    print(json.dumps({"scores": scores, "seconds": result["seconds"]}, indent=2))
     return 0
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import EllaError
 from ..loading import atomic_path
 from . import models as M
 
@@ -170,6 +171,8 @@ def write_base(r: Recipe, unet, vae_path: Path) -> Path:
     """A StableDiffusionPipeline directory: VAE, UNet, weak encoder + its tokenizer, DDIM (trailing, v-pred)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
+    # The base ships in fp16: round it now, so the connectors train against exactly the shipped weights.
+    unet = unet.half().float()
     encoder, tokenizer = M.weak_text_encoder()
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_path), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
@@ -297,8 +300,13 @@ def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
     return out
 
 
-def reproduce(r: Recipe) -> dict:
-    """Every stage in order (finished ones skipped); returns the paths and the wall time per stage."""
+STAGES = ("world", "vae", "cache", "base", "connectors", "eval")
+
+
+def reproduce(r: Recipe, until: str = "eval") -> dict:
+    """Every stage in order up to ``until`` (finished ones skipped); returns the paths and wall time per stage."""
+    if until not in STAGES:
+        raise EllaError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
     r.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(r.root / "recipe.json") as tmp:
         tmp.write_text(json.dumps(asdict(r), indent=2))
@@ -309,6 +317,13 @@ def reproduce(r: Recipe) -> dict:
         times[name] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
 
+    result = {"seconds": times, "until": until}
+
+    def finish() -> dict:
+        with atomic_path(r.root / "reproduce.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+        return result
+
     world = make_world(r)
     lap("world")
     vae = train_vae(r)
@@ -317,18 +332,21 @@ def reproduce(r: Recipe) -> dict:
     lap("cache")
     base = train_base(r, cache, vae)
     lap("base")
+    result["base"] = str(base)
+    if until in ("world", "vae", "cache", "base"):
+        return finish()
     connectors = train_connectors(r, cache, base)
     lap("connectors")
+    result["connectors"] = {k: str(v) for k, v in connectors.items()}
+    if until == "connectors":
+        return finish()
     from .evaluate import evaluate
 
-    scores = evaluate(base, connectors, r.root / "eval", n_items=r.eval_items, seed=r.seed, steps=r.eval_steps,
-                      guidance=r.eval_guidance, device=r.device, progress=r.device != "cpu")
+    result["scores"] = evaluate(base, connectors, r.root / "eval", n_items=r.eval_items, seed=r.seed,
+                                steps=r.eval_steps, guidance=r.eval_guidance, device=r.device,
+                                progress=r.device != "cpu")
     lap("eval")
-    result = {"base": str(base), "connectors": {k: str(v) for k, v in connectors.items()}, "scores": scores,
-              "seconds": times}
-    with atomic_path(r.root / "reproduce.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
-    return result
+    return finish()
 
 
 
