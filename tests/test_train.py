@@ -359,3 +359,14 @@ def test_min_snr_weighting_matches_an_independent_formula(tiny_sd):
     assert torch.allclose(weighted, expected, rtol=1e-5), (weighted, expected)
     assert (snr > 5).any()  # this seed draws low-noise timesteps, where the weight is below 1
     assert not torch.allclose(weighted, mse.mean(), rtol=1e-3)  # the weighting did something
+
+
+def test_missing_hub_models_are_named_with_the_train_flags(folder, tmp_path, capsys):
+    """Offline, both missing models are reported at once, with the flags `ella train` actually has."""
+    from ella.cli import main as cli
+
+    code = cli(["train", "--train_data_dir", str(folder), "--output_dir", str(tmp_path / "run"),
+                "--pretrained_model_name_or_path", "nobody/no-such-base", "--llm_name_or_path", "nobody/no-such-llm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nobody/no-such-base" in err and "nobody/no-such-llm" in err
+    assert "--pretrained_model_name_or_path DIR" in err and "--llm_name_or_path DIR" in err and "--base DIR" not in err

@@ -63,7 +63,7 @@ def split_repo_file(ident: str) -> tuple[str, str | None]:
     return ident, None
 
 
-def missing_model_message(what: str, ident: str, detail: str = "") -> str:
+def missing_model_message(what: str, ident: str, detail: str = "", flags: dict[str, str] | None = None) -> str:
     """The one paragraph a user reads when a model can't be found; names it and how to fetch it."""
     offline = hub_offline()
     repo, filename = split_repo_file(ident.split(":")[0])
@@ -71,7 +71,7 @@ def missing_model_message(what: str, ident: str, detail: str = "") -> str:
         fetch = f"hf download {repo} {filename}"
     else:
         fetch = FETCH_COMMANDS.get(what, "hf download {id}").format(id=repo)
-    flag = FLAGS.get(what)
+    flag = (flags or FLAGS).get(what)
     return (
         f"Missing {what}: {ident!r} is not a local path and is not in the Hugging Face cache, and the Hub "
         f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'}. "
@@ -102,12 +102,12 @@ def in_cache(ident: str, probe: str) -> bool:
         return False
 
 
-def check_offline(models: list[tuple[str, str, str]]) -> None:
+def check_offline(models: list[tuple[str, str, str]], flags: dict[str, str] | None = None) -> None:
     """Offline, name *every* missing model at once (``(what, ident, probe_file)`` triples) before
     spending minutes loading the others."""
     if not hub_offline():
         return
-    missing = [missing_model_message(what, ident) for what, ident, probe in models
+    missing = [missing_model_message(what, ident, flags=flags) for what, ident, probe in models
                if not is_local(ident) and not in_cache(ident, probe)]
     if missing:
         raise MissingModelError("\n".join(missing))

@@ -38,7 +38,7 @@ def read_dims(cfg: TrainConfig, cached_llm_hidden: int | None) -> Dims:
     needed = [("base model", cfg.pretrained_model_name_or_path, "unet/config.json")]
     if cached_llm_hidden is None:
         needed.append(("LLM", cfg.llm_name_or_path, "config.json"))
-    check_offline(needed)
+    check_offline(needed, flags={"base model": "--pretrained_model_name_or_path DIR", "LLM": "--llm_name_or_path DIR"})
     with loading("base model", cfg.pretrained_model_name_or_path):
         unet_config = dict(UNet2DConditionModel.load_config(cfg.pretrained_model_name_or_path, subfolder="unet"))
     cross = unet_config["cross_attention_dim"]

@@ -123,6 +123,7 @@ def main(cfg: TrainConfig) -> Path:
         shuffle=not isinstance(dataset, torch.utils.data.IterableDataset),
         collate_fn=collate,
         num_workers=cfg.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
         drop_last=False,
     )
     connector, optimizer, lr_scheduler = accelerator.prepare(connector, optimizer, lr_scheduler)
