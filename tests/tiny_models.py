@@ -265,6 +265,28 @@ def _clip_tokenizer_files() -> dict[str, str]:
 # --------------------------------------------------------------------------- #
 # Stable Diffusion 1.5                                                        #
 # --------------------------------------------------------------------------- #
+# The real SD 1.5 scheduler_config.json values (SDXL's file has these plus its own keys).
+_SD_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+
+def _restore_tokenizer_layout(tok_dir: Path, build) -> None:
+    """Replace what transformers v5's ``save_pretrained`` wrote with the real four-file CLIP layout."""
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            f.unlink()
+    build(tok_dir)
+
+
 def _tiny_vae(scaling_factor: float, **extra):
     """4 blocks of 8 channels: ``vae_scale_factor == 8`` as in SD's VAE; SD1.5 and SDXL differ in scaling only."""
     from diffusers import AutoencoderKL
@@ -360,19 +382,7 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     # PNDMScheduler.__init__ argument in diffusers 0.42 (passing it raises
     # TypeError), but the real config file carries it; ``from_config`` accepts
     # it and keeps it in the saved config, like the real file.
-    scheduler = PNDMScheduler.from_config(
-        {
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000,
-            "skip_prk_steps": True,
-            "steps_offset": 1,
-            "set_alpha_to_one": False,
-            "clip_sample": False,
-            "trained_betas": None,
-        }
-    )
+    scheduler = PNDMScheduler.from_config(_SD_SCHEDULER)
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -390,10 +400,7 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     # "is_local"/"local_files_only").  Put back the original SD 1.5 four-file
     # layout so loading goes through the vocab.json/merges.txt path the real
     # checkpoint uses.
-    for f in tok_dir.iterdir():
-        if f.is_file():
-            f.unlink()
-    build_tiny_clip_tokenizer(tok_dir)
+    _restore_tokenizer_layout(tok_dir, build_tiny_clip_tokenizer)
     return path
 
 
@@ -523,20 +530,12 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     # them; ``from_config`` accepts them and keeps them in the saved config.
     scheduler = EulerDiscreteScheduler.from_config(
         {
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000,
-            "steps_offset": 1,
+            **_SD_SCHEDULER,
             "timestep_spacing": "leading",
             "prediction_type": "epsilon",
             "interpolation_type": "linear",
             "use_karras_sigmas": False,
             "sample_max_value": 1.0,
-            "set_alpha_to_one": False,
-            "skip_prk_steps": True,
-            "clip_sample": False,
-            "trained_betas": None,
         }
     )
 
@@ -556,11 +555,8 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(path, safe_serialization=True)
     # As in build_tiny_sd15: put back the four-file tokenizer layouts that
     # transformers v5's save_pretrained replaced.
-    for d, rebuild in ((tok_dir, build_tiny_clip_tokenizer), (tok_dir_2, _build_tiny_clip_tokenizer_2)):
-        for f in d.iterdir():
-            if f.is_file():
-                f.unlink()
-        rebuild(d)
+    _restore_tokenizer_layout(tok_dir, build_tiny_clip_tokenizer)
+    _restore_tokenizer_layout(tok_dir_2, _build_tiny_clip_tokenizer_2)
     return path
 
 
