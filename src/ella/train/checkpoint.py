@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import EllaError
-from ..loading import atomic_path
+from ..loading import atomic_dir, atomic_path
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -116,14 +116,8 @@ def export_connector(connector, ema, directory: Path) -> None:
         model = copy.deepcopy(connector)
         ema.copy_to(model.parameters())
     model.save_single_file(directory / "ella.safetensors")
-    target = directory / "connector"
-    staging = directory / ".connector.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging, safe_serialization=True)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    with atomic_dir(directory / "connector") as staging:
+        model.save_pretrained(staging, safe_serialization=True)
 
 
 def save_ema(ema, directory: Path) -> None:

@@ -117,3 +117,15 @@ def load_frozen(cfg: TrainConfig, weight_dtype: torch.dtype, device, *, need_vae
     if need_llm:
         llm, tokenizer = load_llm(cfg.llm_name_or_path, dtype=weight_dtype, device=device)
     return unet, vae, llm, tokenizer, scheduler
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> what the UNet is trained on: ``(mode - shift_factor) * scaling_factor``, fp32.
+
+    The one definition shared by ``ella cache`` and online training, so cached and online latents agree;
+    the posterior's mode (not a sample) keeps both deterministic.
+    """
+    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return (z.float() - shift) * vae.config.scaling_factor

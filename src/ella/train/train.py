@@ -29,7 +29,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .models import Dims, load_frozen, make_connector, read_dims
+from .models import Dims, encode_latents, load_frozen, make_connector, read_dims
 
 
 def main(cfg: TrainConfig) -> Path:
@@ -261,11 +261,7 @@ def noise_seed(seed: int, process: int, micro_step: int) -> int:
 def batch_latents(batch: dict, vae, device) -> torch.Tensor:
     if "latents" in batch:
         return batch["latents"].to(device, torch.float32)
-    pixels = batch["pixel_values"].to(device, vae.dtype)
-    with torch.no_grad():
-        z = vae.encode(pixels).latent_dist.mode()  # the mode, as `ella cache` stores: cached == online
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((z - shift) * vae.config.scaling_factor).float()
+    return encode_latents(vae, batch["pixel_values"])
 
 
 def batch_features(batch: dict, llm, tokenizer, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
