@@ -167,8 +167,17 @@ def add_shapes_parser(sub) -> None:
         if f.name in ("variants",):
             rep.add_argument("--variants", nargs="+", default=None, help=f"default: {' '.join(f.default)}")
         else:
-            rep.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+            kind = _yes_no if isinstance(f.default, bool) else type(f.default)
+            rep.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
                              help=f"default: {f.default!r}")
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
