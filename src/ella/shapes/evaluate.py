@@ -42,8 +42,11 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     benchmark, _ = shapes_benchmark(n_items, seed + EVAL_SEED_OFFSET)
     oracle = ShapesOracle()
-    results = {}
+    settings = {"n_items": n_items, "seed": seed, "steps": steps, "guidance": guidance}
+    results = _scored_rows(out / "results.json", settings)  # rows a cut-off run already scored
     for name, build in load_rows(base, connectors, device, dtype).items():
+        if name in results:
+            continue
         pipe = build().to(device)
         pipe.set_progress_bar_config(disable=True)
         row_dir = out / slug(name)
@@ -55,12 +58,19 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
         results[name] = {k: result[k] for k in ("overall", "categories", "subcategories", "num_items")}
         montage(row_dir, list(benchmark.prompts)[:8], out / f"{slug(name)}.png")
         del pipe
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps({"settings": {"n_items": n_items, "seed": seed, "steps": steps,
-                                                "guidance": guidance}, "rows": results}, indent=2))
-    with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(to_markdown(results))
+        # Written after every row, so a run cut off (GPU-time limit) keeps what it scored.
+        with atomic_path(out / "results.json") as tmp:
+            tmp.write_text(json.dumps({"settings": settings, "rows": results}, indent=2))
+        with atomic_path(out / "results.md") as tmp:
+            tmp.write_text(to_markdown(results))
     return results
+
+
+def _scored_rows(path: Path, settings: dict) -> dict:
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return dict(saved["rows"]) if saved.get("settings") == settings else {}
 
 
 def montage(row_dir: Path, item_ids: list[str], path: Path) -> Path:

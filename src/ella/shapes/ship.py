@@ -25,8 +25,12 @@ PACKAGED = Path(__file__).parent / "model"
 MAX_BYTES = 30_000_000
 
 
-def export_model(base: Path, connector: Path, target: Path) -> Path:
-    """fp16 copy of a recipe's base + TSC, without the rebuildable text-encoder weights; atomic."""
+def export_model(base: Path, connector: Path, target: Path, provenance: dict | None = None) -> Path:
+    """fp16 copy of a recipe's base + TSC, without the rebuildable text-encoder weights; atomic.
+
+    ``provenance`` (the recipe's values, where it ran) lands in ``provenance.json``: the shipped
+    weights say how to make them again.
+    """
     from diffusers import StableDiffusionPipeline
 
     from ..connector import TimestepAwareSemanticConnector
@@ -38,6 +42,8 @@ def export_model(base: Path, connector: Path, target: Path) -> Path:
             weights.unlink()
         tsc = TimestepAwareSemanticConnector.from_single_file(connector, torch_dtype=torch.float16)
         tsc.save_single_file(staging / "ella.safetensors")
+        if provenance is not None:
+            (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
         if size > MAX_BYTES:
             raise EllaError(f"the exported model is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget")
