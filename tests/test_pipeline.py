@@ -144,18 +144,9 @@ def test_unknown_scheduler(pipe):
 
 
 def test_lora_loads_changes_output_and_unloads(pipe, tiny_sd, tmp_path):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from tiny_models import write_tiny_lora
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # peft zero-inits B; a LoRA that changes nothing proves nothing
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
-
+    write_tiny_lora(tiny_sd, tmp_path)
     before = pipe(PROMPT, generator=gen(9), **KW).images
     pipe.load_lora_weights(tmp_path)
     assert type(pipe.unet) is UNet2DConditionModel

@@ -659,6 +659,23 @@ def build_tiny_t5(path: Path, d_model: int = 16, seed: int = 0) -> Path:
     return path
 
 
+def write_tiny_lora(sd_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """A UNet LoRA for the tiny SD1.5 in diffusers' file layout (``pytorch_lora_weights.safetensors``)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # peft zero-inits B; a LoRA that changes nothing proves nothing
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(unet))
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python tests/tiny_models.py OUT_DIR``: build the tiny SD 1.5, SDXL and flan-T5 under OUT_DIR."""
     argv = sys.argv[1:] if argv is None else argv

@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "replaces --base/--ella/--llm")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--out", default="ella-out", help="output directory (default: ./ella-out)")
+    tools = gen.add_argument_group("community tools")
+    tools.add_argument("--mode", choices=("ella", "ella+clip"), default="ella",
+                       help="ella+clip: the base's CLIP tokens (77) beside ELLA's (64), so LoRA trigger words and "
+                       "textual inversions work")
+    tools.add_argument("--init-image", default=None, help="img2img: start from this image (resized to --width/--height)")
+    tools.add_argument("--strength", type=float, default=None,
+                       help="img2img/inpainting: 1.0 = from noise, lower keeps more of --init-image (default 0.8)")
+    tools.add_argument("--mask", default=None, help="inpainting: white = repaint, black = keep (needs --init-image)")
+    tools.add_argument("--controlnet", default=None, help="a diffusers ControlNet (dir or hub id)")
+    tools.add_argument("--control-image", default=None, help="the ControlNet's input image (edges, depth, pose ...)")
+    tools.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a diffusers/kohya LoRA .safetensors (or dir), repeatable; SCALE defaults to 1.0")
+    gen.add_argument("--base-config", default=None, help="single-file --base only: diffusers dir or hub id with its "
+                     "component configs (default: inferred from the file, SD 1.5 for SD 1.x)")
     add_model_flags(gen)
     add_bench_parser(sub)
     add_train_parsers(sub)
@@ -246,6 +260,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height or size,
         seed=args.seed,
         num_images=args.num_images,
+        strength=args.strength if args.strength is not None else (0.8 if args.init_image else None),
+        condition_mode=args.mode,
     )
     settings.validate()  # before loading gigabytes of weights
     for i, prompt in enumerate(args.prompt):
@@ -259,6 +275,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for path in generate_to_dir(pipe, args.prompt, settings, args.out, {"model": args.model}):
             print(path)
         return 0
+    from .sample import kind_for, load_loras, read_inputs
+
+    kind = kind_for(args.init_image, args.mask, args.controlnet, args.control_image)
+    inputs = read_inputs(kind, args.init_image, args.mask, args.control_image, settings.width, settings.height)
     pipe = load_pipeline(
         args.base,
         args.ella,
@@ -270,9 +290,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         flexible=args.flexible,
         hidden_layer=args.llm_layer,
+        base_config=args.base_config,
+        kind=kind,
+        mode=args.mode,
+        controlnet=args.controlnet,
     )
-    sources = {"base": str(args.base), "ella": str(args.ella), "llm": str(args.llm)}
-    for path in generate_to_dir(pipe, args.prompt, settings, args.out, sources):
+    sources = {"base": str(args.base), "ella": str(args.ella), "llm": str(args.llm), "kind": kind,
+               "controlnet": args.controlnet, "lora": load_loras(pipe, args.lora)}
+    for path in generate_to_dir(pipe, args.prompt, settings, args.out, sources, inputs):
         print(path)
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,11 +51,13 @@ class ConditionTable:
         connector: nn.Module,
         features: TextFeatures,
         timesteps: Callable[[], Iterable[float] | torch.Tensor] | None = None,
+        clip: ClipPart | None = None,
     ):
         self.connector = connector
         param = next(connector.parameters())
         self.states = features.hidden_states.to(param.device, param.dtype)
         self.mask = None if features.attention_mask is None else features.attention_mask.to(param.device)
+        self.clip = clip
         self._schedule_fn = timesteps
         self._schedule: torch.Tensor | None = None  # the tensor the loop iterates over
         self._stack: torch.Tensor | None = None  # [unique timesteps, rows, tokens, width]
@@ -78,7 +81,8 @@ class ConditionTable:
             t = torch.tensor(chunk, device=self.states.device).repeat_interleave(self.rows)
             mask = None if self.mask is None else self.mask.repeat(n, 1)
             out = self.connector(self.states.repeat(n, 1, 1), t, attention_mask=mask)
-            outs.append(out.view(n, self.rows, *out.shape[1:]))
+            out = out.view(n, self.rows, *out.shape[1:])
+            outs.append(out if self.clip is None else self.clip.join(out))
         return torch.cat(outs)
 
     def precompute(self) -> None:
@@ -142,7 +146,38 @@ class ConditionTable:
         """For connectors whose output follows the text (MLP variant), the text mask per sample."""
         if self.mask is None or not getattr(self.connector, "output_follows_text", False):
             return None  # checked first: the common case costs the step no kernel
-        return self.mask[placeholder_rows(placeholder)]
+        mask = self.mask[placeholder_rows(placeholder)]
+        return mask if self.clip is None else self.clip.join_mask(mask)
+
+
+@dataclass
+class ClipPart:
+    """The base's own CLIP tokens, joined to ELLA's in ``ella+clip`` mode (the authors' fix for trigger words).
+
+    LoRA trigger words and textual-inversion tokens only mean something to the CLIP text encoder
+    they were trained with; ``ella+clip`` gives the UNet CLIP's 77 tokens *and* ELLA's 64 (141 in
+    all), so those still work while the LLM carries the dense description.
+
+    Order: CLIP first by default. Cross-attention has no positional encoding over its keys, so the
+    order does not change the UNet's output (tested); it is configurable for tools that slice the
+    condition by position. ``clip_scale``/``ella_scale`` multiply each part's tokens.
+    """
+
+    embeds: torch.Tensor  # [rows, 77, width]: CLIP's last hidden states of every table row's text
+    clip_first: bool = True
+    clip_scale: float = 1.0
+    ella_scale: float = 1.0
+
+    def join(self, ella: torch.Tensor) -> torch.Tensor:
+        """``ella`` ``[n, rows, tokens, width]`` -> ``[n, rows, 77 + tokens, width]``."""
+        clip = self.embeds.to(ella.dtype).unsqueeze(0).expand(ella.shape[0], -1, -1, -1)
+        clip = clip * self.clip_scale if self.clip_scale != 1.0 else clip
+        ella = ella * self.ella_scale if self.ella_scale != 1.0 else ella
+        return torch.cat((clip, ella) if self.clip_first else (ella, clip), dim=2)
+
+    def join_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(mask.shape[0], self.embeds.shape[1], dtype=mask.dtype, device=mask.device)
+        return torch.cat((ones, mask) if self.clip_first else (mask, ones), dim=1)
 
 
 def placeholder_embeds(rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:

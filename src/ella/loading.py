@@ -9,6 +9,7 @@ and the command that fetches it — never a traceback from deep inside a loader.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -259,11 +260,66 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def load_base(pipeline_cls, base: str | os.PathLike, scheduler: str | None, **components):
-    """``pipeline_cls`` from a diffusers dir / hub id or a single checkpoint file, with ``scheduler``."""
+# What diffusers reads from a config repo to build a pipeline around a single file: configs, no weights.
+CONFIG_PATTERNS = ["*.json", "*.txt", "**/*.json", "**/*.txt", "**/*.model"]
+
+
+def default_base_config(base: str | os.PathLike) -> str:
+    """The diffusers repo whose configs fit single file ``base``, as diffusers infers it from the tensor names
+    and shapes (SD 1.x -> SD 1.5). Reads only the safetensors header; SD 1.5 for anything it can't read."""
+    try:
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config
+        from safetensors import safe_open
+
+        with safe_open(str(Path(base).expanduser()), "pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+        return fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
+    except Exception:  # .ckpt (pickle), a hub file, an unknown layout
+        return DEFAULT_BASE
+
+
+def base_config_dir(base: str | os.PathLike, config: str | os.PathLike | None = None) -> str:
+    """The local diffusers-layout directory whose component configs build single file ``base``.
+
+    ``config`` is such a directory or a hub id (default: inferred from the file, SD 1.5 for SD 1.x);
+    a hub id's JSON/TXT files come from the HF cache or the Hub. Missing offline: one MissingModelError.
+    """
+    config = str(config) if config else default_base_config(base)
+    local = Path(config).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise EllaError(f"--base-config {config} is not a diffusers pipeline directory (no model_index.json)")
+        return str(local)
+    from huggingface_hub import snapshot_download
+
+    reason = "its model_index.json or a component folder is missing"
+    try:
+        path = Path(snapshot_download(config, allow_patterns=CONFIG_PATTERNS))
+        index = json.loads((path / "model_index.json").read_text())
+        complete = all((path / name).is_dir() for name, value in index.items() if isinstance(value, list) and value[0])
+    except Exception as err:  # LocalEntryNotFoundError offline, connection / HTTP errors, an invalid repo id
+        complete, reason = False, type(err).__name__
+    if not complete:
+        raise MissingModelError(
+            f"Missing base model config: the single checkpoint file {str(base)!r} needs the component configs "
+            f"(JSON/TXT files, no weights) of the diffusers repo {config!r}, which is not in the Hugging Face cache, "
+            f"and the Hub {'is disabled (HF_HUB_OFFLINE=1)' if hub_offline() else 'could not be reached'} ({reason}). "
+            f'On a machine with internet run `hf download {config} --include "*.json" "*.txt"` (it fills '
+            "~/.cache/huggingface, which you can copy here), or pass a diffusers directory of the same model family "
+            "with --base-config DIR (base_config= in Python)."
+        )
+    return str(path)
+
+
+def load_base(pipeline_cls, base: str | os.PathLike, scheduler: str | None, base_config=None, **components):
+    """``pipeline_cls`` from a diffusers dir / hub id or a single checkpoint file, with ``scheduler``.
+
+    A single file takes its component configs from ``base_config`` (see :func:`base_config_dir`).
+    """
     with loading("base model", str(base)):
         if str(base).endswith(SINGLE_FILE_SUFFIXES):
-            pipe = pipeline_cls.from_single_file(str(base), **components)
+            config = base_config_dir(base, base_config)
+            pipe = pipeline_cls.from_single_file(str(base), config=config, **components)
         else:
             pipe = pipeline_cls.from_pretrained(base, **components)
     if scheduler:
@@ -283,21 +339,42 @@ def load_pipeline(
     max_length: int = 128,
     flexible: bool = False,
     hidden_layer: int | None = None,
+    base_config: str | os.PathLike | None = None,
+    kind: str = "txt2img",
+    mode: str = "ella",
+    controlnet: str | os.PathLike | None = None,
 ):
-    """Assemble an :class:`~ella.pipelines.EllaStableDiffusionPipeline` from three independent sources.
+    """Assemble an ELLA pipeline (:class:`~ella.pipelines.EllaStableDiffusionPipeline` by default) from three
+    independent sources.
 
-    ``base`` is a diffusers directory / hub id or a single ``.safetensors``/``.ckpt`` checkpoint;
+    ``base`` is a diffusers directory / hub id or a single ``.safetensors``/``.ckpt`` checkpoint
+    (whose component configs come from ``base_config``: a diffusers directory or hub id, by default
+    the repo diffusers infers from the file, e.g. SD 1.5 for SD 1.x);
     ``ella`` an official single file, ``save_pretrained`` directory or hub id; ``llm`` any HF
     encoder or decoder-only LM. The default scheduler is DPM-Solver++ multistep, as in the
-    official ``inference.py``. The CLIP text encoder is not loaded (ELLA replaces it).
+    official ``inference.py``.
+
+    ``kind``: ``txt2img``, ``img2img``, ``inpaint``, ``controlnet`` or ``controlnet-img2img`` (with
+    ``controlnet``, a diffusers ControlNet dir or hub id). ``mode="ella+clip"`` also loads the base's
+    CLIP text encoder and tokenizer (for trigger words and textual inversions); in ``ella`` mode
+    they are not loaded (ELLA replaces them).
     """
-    from .pipelines import EllaStableDiffusionPipeline
+    from .pipelines import PIPELINE_KINDS, check_mode
     from .text import load_llm
+
+    if kind not in PIPELINE_KINDS:
+        raise EllaError(f"unknown pipeline kind {kind!r}; use one of {', '.join(PIPELINE_KINDS)}")
+    check_mode(mode)
+    if bool(controlnet) != kind.startswith("controlnet"):
+        raise EllaError(f"pipeline kind {kind!r} {'needs' if kind.startswith('controlnet') else 'takes no'} controlnet")
 
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)
     check_offline([("ELLA connector weights", ella_ident(ella), DEFAULT_ELLA_FILE), ("LLM", str(llm), "config.json"),
-                   ("base model", str(base), "model_index.json")])
+                   ("base model", str(base), "model_index.json")]
+                  + ([("ControlNet", str(controlnet), "config.json")] if controlnet else []))
+    if str(base).endswith(SINGLE_FILE_SUFFIXES):  # a missing config fails now, not after loading the LLM
+        base_config = base_config_dir(base, base_config)
     # The release ran T5 in fp16 on GPU and was trained on those features; CPU falls back to fp32.
     llm_dtype = resolve_dtype(llm_dtype, device)
     connector = load_connector(ella, torch_dtype=dtype)
@@ -306,14 +383,20 @@ def load_pipeline(
         connector=connector,
         llm=llm_model,
         llm_tokenizer=llm_tokenizer,
-        text_encoder=None,
-        tokenizer=None,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        condition_mode=mode,
         dtype=dtype,
     )
-    pipe = load_base(EllaStableDiffusionPipeline, base, scheduler, **common)
+    if mode == "ella":  # ELLA replaces CLIP: don't load it
+        common.update(text_encoder=None, tokenizer=None)
+    if controlnet:
+        from diffusers import ControlNetModel
+
+        with loading("ControlNet", str(controlnet)):
+            common["controlnet"] = ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)
+    pipe = load_base(PIPELINE_KINDS[kind], base, scheduler, base_config, **common)
     pipe.register_to_config(llm_max_length=max_length, llm_flexible=flexible, llm_hidden_layer=hidden_layer)
     return pipe.to(device)
 

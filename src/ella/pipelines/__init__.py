@@ -1,6 +1,25 @@
 """diffusers pipelines with ELLA conditioning; all share :class:`~ella.pipelines.base.EllaMixin`."""
 
-from .base import EllaMixin
-from .stable_diffusion import EllaStableDiffusionPipeline
+from .base import CONDITION_MODES, EllaMixin, check_mode, ella_pipeline_class
+from .stable_diffusion import (
+    EllaStableDiffusionControlNetImg2ImgPipeline,
+    EllaStableDiffusionControlNetPipeline,
+    EllaStableDiffusionImg2ImgPipeline,
+    EllaStableDiffusionInpaintPipeline,
+    EllaStableDiffusionPipeline,
+)
 
-__all__ = ["EllaMixin", "EllaStableDiffusionPipeline"]
+#: ``ella.load_pipeline(kind=...)`` / ``ella generate`` (which picks the kind from its input flags)
+PIPELINE_KINDS = {
+    "txt2img": EllaStableDiffusionPipeline,
+    "img2img": EllaStableDiffusionImg2ImgPipeline,
+    "inpaint": EllaStableDiffusionInpaintPipeline,
+    "controlnet": EllaStableDiffusionControlNetPipeline,
+    "controlnet-img2img": EllaStableDiffusionControlNetImg2ImgPipeline,
+}
+
+__all__ = [
+    "CONDITION_MODES", "PIPELINE_KINDS", "EllaMixin", "check_mode", "EllaStableDiffusionControlNetImg2ImgPipeline",
+    "EllaStableDiffusionControlNetPipeline", "EllaStableDiffusionImg2ImgPipeline", "EllaStableDiffusionInpaintPipeline",
+    "EllaStableDiffusionPipeline", "ella_pipeline_class",
+]

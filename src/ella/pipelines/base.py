@@ -8,30 +8,44 @@ per-timestep condition; the diffusers loop, schedulers, LoRA/IP-Adapter loaders,
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
 
-from ..conditioning import ConditionTable, feed_conditions, placeholder_embeds
+from ..conditioning import ClipPart, ConditionTable, feed_conditions, placeholder_embeds
 from ..errors import EllaError
-from ..text import TextFeatures, encode_text
+from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, encode_text, strip_prompt_weights
 
 # bf16 holds integers exactly only up to 256: the placeholder row ids must survive the loop's dtype.
 _MAX_ROWS = {torch.bfloat16: 256, torch.float16: 2048}
 
 ELLA_COMPONENTS = ["connector", "llm", "llm_tokenizer"]
+#: ``ella``: the connector's tokens only (the paper). ``ella+clip``: the base's CLIP tokens and ELLA's.
+CONDITION_MODES = ("ella", "ella+clip")
+#: ``__init__`` arguments every ELLA pipeline adds to its diffusers parent (all saved in model_index.json).
+ELLA_INIT_DEFAULTS = {
+    "connector": None, "llm": None, "llm_tokenizer": None, "llm_max_length": DEFAULT_MAX_LENGTH,
+    "llm_flexible": False, "llm_hidden_layer": None, "condition_mode": "ella", "clip_first": True,
+}
+#: Per-call options our ``__call__`` accepts on top of the parent's (defaults: the pipeline config).
+CALL_OPTIONS = ("condition_mode", "clip_first", "clip_scale", "ella_scale")
 
 
 class EllaMixin:
     """Turns a diffusers text-to-image pipeline into an ELLA one (see module docstring)."""
 
     _ella_table: ConditionTable | None = None
+    _ella_options: dict = {}
     _warned_feature_dtype = False
 
-    def _register_ella(self, connector, llm, llm_tokenizer, llm_max_length, llm_flexible, llm_hidden_layer):
+    def _register_ella(self, connector, llm, llm_tokenizer, llm_max_length, llm_flexible, llm_hidden_layer,
+                       condition_mode="ella", clip_first=True):
+        check_mode(condition_mode)
         self.register_modules(connector=connector, llm=llm, llm_tokenizer=llm_tokenizer)
         self.register_to_config(
-            llm_max_length=llm_max_length, llm_flexible=llm_flexible, llm_hidden_layer=llm_hidden_layer
+            llm_max_length=llm_max_length, llm_flexible=llm_flexible, llm_hidden_layer=llm_hidden_layer,
+            condition_mode=condition_mode, clip_first=clip_first,
         )
         self.check_compatible()
 
@@ -116,8 +130,14 @@ class EllaMixin:
         dtype = self.connector.dtype
         if len(unique) > _MAX_ROWS.get(dtype, 1 << 24):
             raise EllaError(f"at most {_MAX_ROWS[dtype]} distinct prompts per call in {dtype}; split the batch")
+        clean = [strip_prompt_weights(t) for t in unique]
+        changed = [(a, b) for a, b in zip(unique, clean) if a != b]
+        if changed:
+            warnings.warn(f"prompt weights are not supported (an LLM reads words, not weights); removed the markup: "
+                          f"{changed[0][0]!r} -> {changed[0][1]!r}", PromptWeightsWarning, stacklevel=3)
         self._ella_table = ConditionTable(
-            self.connector, self.encode_text(unique), timesteps=lambda: self.scheduler.timesteps
+            self.connector, self.encode_text(clean), timesteps=lambda: self.scheduler.timesteps,
+            clip=self._clip_part(clean, device, lora_scale, clip_skip),
         )
         row = {text: i for i, text in enumerate(unique)}
 
@@ -127,17 +147,81 @@ class EllaMixin:
 
         return embeds(prompts), (embeds(negatives) if do_classifier_free_guidance else None)
 
+    def _clip_part(self, texts: list[str], device, lora_scale, clip_skip) -> ClipPart | None:
+        """In ``ella+clip`` mode, the base's CLIP embeddings of ``texts`` (textual inversions and LoRA included)."""
+        opts = self._ella_options
+        mode = opts.get("condition_mode", self.config.condition_mode)
+        if mode == "ella":
+            if opts.get("clip_scale") is not None or opts.get("ella_scale") is not None:
+                raise EllaError("clip_scale/ella_scale weigh the parts of condition_mode='ella+clip'; "
+                                "this call runs in 'ella' mode")
+            return None
+        if getattr(self, "text_encoder", None) is None or getattr(self, "tokenizer", None) is None:
+            raise EllaError("condition_mode='ella+clip' needs the base model's CLIP text_encoder and tokenizer; "
+                            "load with ella.load_pipeline(..., mode='ella+clip') or `ella generate --mode ella+clip`")
+        return ClipPart(
+            self.clip_embeds(texts, device, lora_scale, clip_skip),
+            clip_first=opts.get("clip_first", self.config.clip_first),
+            clip_scale=1.0 if opts.get("clip_scale") is None else float(opts["clip_scale"]),
+            ella_scale=1.0 if opts.get("ella_scale") is None else float(opts["ella_scale"]),
+        )
+
+    def clip_embeds(self, texts: list[str], device, lora_scale=None, clip_skip=None) -> torch.Tensor:
+        """``[len(texts), 77, width]``: the parent pipeline's own CLIP encoding (TI tokens, LoRA scale, clip skip)."""
+        embeds, _ = super().encode_prompt(texts, device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip)
+        return embeds
+
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         """The parent pipeline's ``__call__`` — same arguments and outputs — with ELLA conditioning.
 
         Per call: the LLM runs once per distinct prompt; the connector runs once, batched, for
         all scheduler timesteps and all prompts (positive and negative); each UNet/ControlNet
-        call gets the condition of its own timestep.
+        call gets the condition of its own timestep. Extra keyword arguments:
+        ``condition_mode`` (``"ella"`` | ``"ella+clip"``, default: the pipeline's config),
+        ``clip_first``, ``clip_scale``, ``ella_scale`` (``ella+clip`` only).
         """
+        options = {k: kwargs.pop(k) for k in CALL_OPTIONS if k in kwargs}
+        if "condition_mode" in options:
+            check_mode(options["condition_mode"])
         modules = [self.unet, getattr(self, "controlnet", None)]
+        self._ella_options = options
         try:
             with feed_conditions(modules, lambda: self._ella_table):
                 return super().__call__(*args, **kwargs)
         finally:
             self._ella_table = None
+            self._ella_options = {}
+
+
+def check_mode(mode: str) -> None:
+    if mode not in CONDITION_MODES:
+        raise EllaError(f"unknown condition mode {mode!r}; use {' or '.join(CONDITION_MODES)}")
+
+
+def ella_pipeline_class(parent: type, name: str, doc: str) -> type:
+    """``class name(EllaMixin, parent)`` with ``parent``'s ``__init__`` plus the ELLA arguments.
+
+    One definition for every pipeline kind (txt2img, img2img, inpainting, ControlNet ...): the
+    ``__init__`` signature is the parent's (diffusers' loaders read it to know the components)
+    plus :data:`ELLA_INIT_DEFAULTS`, with the safety checker optional and off by default.
+    """
+    relaxed = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
+               "requires_safety_checker": False}
+    parent_sig = inspect.signature(parent.__init__)
+    params = [p.replace(default=relaxed[p.name]) if p.name in relaxed else p for p in parent_sig.parameters.values()]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in ELLA_INIT_DEFAULTS.items()]
+
+    def __init__(self, *args, **kwargs):
+        ella = {k: kwargs.pop(k, v) for k, v in ELLA_INIT_DEFAULTS.items()}
+        bound = parent_sig.bind_partial(self, *args, **kwargs)
+        for key, value in relaxed.items():
+            if key in parent_sig.parameters and key not in bound.arguments:
+                bound.arguments[key] = value
+        parent.__init__(*bound.args, **bound.kwargs)
+        self._register_ella(**ella)
+
+    __init__.__signature__ = inspect.Signature(params)
+    optional = list(dict.fromkeys(parent._optional_components + ["text_encoder", "tokenizer"] + ELLA_COMPONENTS))
+    return type(name, (EllaMixin, parent), {"__init__": __init__, "__doc__": doc, "_optional_components": optional,
+                                            "__module__": "ella.pipelines"})

@@ -1,52 +1,47 @@
-"""ELLA for Stable Diffusion 1.x/2.x-style UNets: diffusers' ``StableDiffusionPipeline`` + the mixin."""
+"""ELLA for Stable Diffusion 1.x/2.x-style UNets: each diffusers SD pipeline + the mixin, one definition each.
+
+``pipe.unet`` is the real ``UNet2DConditionModel``: ``load_lora_weights``, ``load_ip_adapter``,
+``load_textual_inversion``, ``fuse_lora``, attention processors and ``torch.compile`` work as in
+diffusers, and a ControlNet receives the same per-timestep condition as the UNet. The CLIP
+``text_encoder``/``tokenizer`` are optional: ELLA does not use them, except in ``ella+clip`` mode.
+
+Build one with :func:`ella.load_pipeline` (``kind=`` picks the class), or with diffusers' loaders,
+passing the extra parts::
+
+    pipe = EllaStableDiffusionPipeline.from_pretrained(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", connector=connector, llm=t5, llm_tokenizer=tok,
+        text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None)
+
+``save_pretrained`` writes all of it (``model_index.json`` names ``ella`` as the connector's
+library), and ``from_pretrained`` of that directory restores it.
+"""
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionPipeline
+from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 
-from ..text import DEFAULT_MAX_LENGTH
-from .base import ELLA_COMPONENTS, EllaMixin
+from .base import ella_pipeline_class
 
-
-class EllaStableDiffusionPipeline(EllaMixin, StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` whose text condition comes from an LLM through an ELLA connector.
-
-    ``pipe.unet`` is the real ``UNet2DConditionModel``: ``load_lora_weights``, ``load_ip_adapter``,
-    ``fuse_lora``, attention processors and ``torch.compile`` work as in diffusers. The CLIP
-    ``text_encoder``/``tokenizer`` are optional (ELLA does not use them for its own condition).
-
-    Build it with :func:`ella.load_pipeline`, or with diffusers' loaders, passing the extra parts::
-
-        pipe = EllaStableDiffusionPipeline.from_pretrained(
-            "stable-diffusion-v1-5/stable-diffusion-v1-5", connector=connector, llm=t5, llm_tokenizer=tok,
-            text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None)
-
-    ``save_pretrained`` writes all of it (``model_index.json`` names ``ella`` as the connector's
-    library), and ``from_pretrained`` of that directory restores it.
-    """
-
-    _optional_components = StableDiffusionPipeline._optional_components + ["text_encoder", "tokenizer"] + ELLA_COMPONENTS
-
-    def __init__(
-        self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker: bool = False,
-        connector=None,
-        llm=None,
-        llm_tokenizer=None,
-        llm_max_length: int = DEFAULT_MAX_LENGTH,
-        llm_flexible: bool = False,
-        llm_hidden_layer: int | None = None,
-    ):
-        super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
-            requires_safety_checker,
-        )
-        self._register_ella(connector, llm, llm_tokenizer, llm_max_length, llm_flexible, llm_hidden_layer)
+EllaStableDiffusionPipeline = ella_pipeline_class(
+    StableDiffusionPipeline, "EllaStableDiffusionPipeline",
+    "Text-to-image: ``StableDiffusionPipeline`` whose text condition comes from an LLM through an ELLA connector.")
+EllaStableDiffusionImg2ImgPipeline = ella_pipeline_class(
+    StableDiffusionImg2ImgPipeline, "EllaStableDiffusionImg2ImgPipeline",
+    "Image-to-image (``image``, ``strength``): the loop starts part-way down the schedule, and every step "
+    "still gets its own timestep's condition.")
+EllaStableDiffusionInpaintPipeline = ella_pipeline_class(
+    StableDiffusionInpaintPipeline, "EllaStableDiffusionInpaintPipeline",
+    "Inpainting (``image``, ``mask_image``, ``strength``), with 9-channel inpainting UNets or plain 4-channel ones.")
+EllaStableDiffusionControlNetPipeline = ella_pipeline_class(
+    StableDiffusionControlNetPipeline, "EllaStableDiffusionControlNetPipeline",
+    "ControlNet (``image`` = the control image; one ControlNet or a list): the ControlNet receives the same "
+    "per-timestep ELLA condition as the UNet (the official wrapper handed it raw T5 features).")
+EllaStableDiffusionControlNetImg2ImgPipeline = ella_pipeline_class(
+    StableDiffusionControlNetImg2ImgPipeline, "EllaStableDiffusionControlNetImg2ImgPipeline",
+    "ControlNet + image-to-image (``image``, ``control_image``, ``strength``).")
