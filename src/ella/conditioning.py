@@ -52,12 +52,17 @@ class ConditionTable:
         features: TextFeatures,
         timesteps: Callable[[], Iterable[float] | torch.Tensor] | None = None,
         clip: ClipPart | None = None,
+        pooled: bool = False,
     ):
         self.connector = connector
         param = next(connector.parameters())
         self.states = features.hidden_states.to(param.device, param.dtype)
         self.mask = None if features.attention_mask is None else features.attention_mask.to(param.device)
         self.clip = clip
+        # SDXL-style UNets also take a pooled text embedding: the connector's pooling head over its own
+        # tokens at the same timestep (as trained in ella.train), kept beside the token table.
+        self.with_pooled = pooled
+        self._pooled: dict[float, torch.Tensor] = {}  # timestep -> [rows, pooled_dim]
         self._schedule_fn = timesteps
         self._schedule: torch.Tensor | None = None  # the tensor the loop iterates over
         self._stack: torch.Tensor | None = None  # [unique timesteps, rows, tokens, width]
@@ -81,6 +86,9 @@ class ConditionTable:
             t = torch.tensor(chunk, device=self.states.device).repeat_interleave(self.rows)
             mask = None if self.mask is None else self.mask.repeat(n, 1)
             out = self.connector(self.states.repeat(n, 1, 1), t, attention_mask=mask)
+            if self.with_pooled:
+                pooled = self.connector.pool(out, mask).view(n, self.rows, -1)
+                self._pooled.update({key: pooled[i] for i, key in enumerate(chunk)})
             out = out.view(n, self.rows, *out.shape[1:])
             outs.append(out if self.clip is None else self.clip.join(out))
         return torch.cat(outs)
@@ -141,6 +149,14 @@ class ConditionTable:
             # keeping the placeholder referenced keeps its address from being reused by another tensor
             self._gathered[key] = (placeholder, self._stack[:, placeholder_rows(placeholder)])
         return self._gathered[key][1][pos]
+
+    def pooled(self, timestep: torch.Tensor | float, rows: torch.Tensor) -> torch.Tensor:
+        """The ``[len(rows), pooled_dim]`` pooled embedding for one timestep (SDXL's ``text_embeds``)."""
+        self.precompute()
+        key = float(timestep)
+        if key not in self._pooled:
+            self._off_schedule(timestep)  # computes (and caches) the pooled embedding too
+        return self._pooled[key][rows]
 
     def encoder_attention_mask(self, placeholder: torch.Tensor) -> torch.Tensor | None:
         """For connectors whose output follows the text (MLP variant), the text mask per sample."""
@@ -222,6 +238,15 @@ def feed_conditions(modules: Iterable[nn.Module | None], table: Callable[[], Con
             args[2] = cond
         else:
             kwargs["encoder_hidden_states"] = cond
+        added = kwargs.get("added_cond_kwargs")
+        if current.with_pooled and added and "text_embeds" in added:
+            rows = placeholder_rows(ehs)
+            ts = timestep.reshape(-1) if isinstance(timestep, torch.Tensor) else torch.tensor([timestep])
+            if ts.numel() > 1 and not bool((ts == ts[0]).all()):
+                pooled = torch.cat([current.pooled(ti, rows[i : i + 1]) for i, ti in enumerate(ts)])
+            else:  # (keyed by float(t): one device sync per step, SDXL only)
+                pooled = current.pooled(ts[0], rows)
+            kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled}
         mask = current.encoder_attention_mask(ehs)
         if mask is not None:
             kwargs["encoder_attention_mask"] = mask

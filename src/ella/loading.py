@@ -354,6 +354,7 @@ def load_pipeline(
     encoder or decoder-only LM. The default scheduler is DPM-Solver++ multistep, as in the
     official ``inference.py``.
 
+    A connector with a pooling head (trained for an SDXL-style UNet) gives the SDXL pipelines.
     ``kind``: ``txt2img``, ``img2img``, ``inpaint``, ``controlnet`` or ``controlnet-img2img`` (with
     ``controlnet``, a diffusers ControlNet dir or hub id). ``mode="ella+clip"`` also loads the base's
     CLIP text encoder and tokenizer (for trigger words and textual inversions); in ``ella`` mode
@@ -389,14 +390,24 @@ def load_pipeline(
         condition_mode=mode,
         dtype=dtype,
     )
+    # A connector with a pooling head was trained for an SDXL-style UNet (pooled text embedding + time ids).
+    xl = getattr(connector.config, "pooled_dim", None) is not None
     if mode == "ella":  # ELLA replaces CLIP: don't load it
         common.update(text_encoder=None, tokenizer=None)
+        if xl:
+            common.update(text_encoder_2=None, tokenizer_2=None)
     if controlnet:
         from diffusers import ControlNetModel
 
         with loading("ControlNet", str(controlnet)):
             common["controlnet"] = ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)
-    pipe = load_base(PIPELINE_KINDS[kind], base, scheduler, base_config, **common)
+    if xl:
+        from .pipelines import PIPELINE_KINDS_XL
+
+        if kind not in PIPELINE_KINDS_XL:
+            raise EllaError(f"pipeline kind {kind!r} is not available for SDXL; use one of {', '.join(PIPELINE_KINDS_XL)}")
+        common.pop("safety_checker"), common.pop("requires_safety_checker")
+    pipe = load_base((PIPELINE_KINDS_XL if xl else PIPELINE_KINDS)[kind], base, scheduler, base_config, **common)
     pipe.register_to_config(llm_max_length=max_length, llm_flexible=flexible, llm_hidden_layer=hidden_layer)
     return pipe.to(device)
 

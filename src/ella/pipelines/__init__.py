@@ -8,6 +8,13 @@ from .stable_diffusion import (
     EllaStableDiffusionInpaintPipeline,
     EllaStableDiffusionPipeline,
 )
+from .stable_diffusion_xl import (
+    EllaStableDiffusionXLControlNetPipeline,
+    EllaStableDiffusionXLImg2ImgPipeline,
+    EllaStableDiffusionXLInpaintPipeline,
+    EllaStableDiffusionXLPipeline,
+    EllaXLMixin,
+)
 
 #: ``ella.load_pipeline(kind=...)`` / ``ella generate`` (which picks the kind from its input flags)
 PIPELINE_KINDS = {
@@ -17,9 +24,16 @@ PIPELINE_KINDS = {
     "controlnet": EllaStableDiffusionControlNetPipeline,
     "controlnet-img2img": EllaStableDiffusionControlNetImg2ImgPipeline,
 }
+PIPELINE_KINDS_XL = {
+    "txt2img": EllaStableDiffusionXLPipeline,
+    "img2img": EllaStableDiffusionXLImg2ImgPipeline,
+    "inpaint": EllaStableDiffusionXLInpaintPipeline,
+    "controlnet": EllaStableDiffusionXLControlNetPipeline,
+}
 
 __all__ = [
-    "CONDITION_MODES", "PIPELINE_KINDS", "EllaMixin", "check_mode", "EllaStableDiffusionControlNetImg2ImgPipeline",
+    "CONDITION_MODES", "PIPELINE_KINDS", "PIPELINE_KINDS_XL", "EllaMixin", "check_mode", "EllaStableDiffusionControlNetImg2ImgPipeline",
     "EllaStableDiffusionControlNetPipeline", "EllaStableDiffusionImg2ImgPipeline", "EllaStableDiffusionInpaintPipeline",
-    "EllaStableDiffusionPipeline", "ella_pipeline_class",
+    "EllaStableDiffusionPipeline", "EllaStableDiffusionXLControlNetPipeline", "EllaStableDiffusionXLImg2ImgPipeline",
+    "EllaStableDiffusionXLInpaintPipeline", "EllaStableDiffusionXLPipeline", "EllaXLMixin", "ella_pipeline_class",
 ]

@@ -137,7 +137,7 @@ class EllaMixin:
                           f"{changed[0][0]!r} -> {changed[0][1]!r}", PromptWeightsWarning, stacklevel=3)
         self._ella_table = ConditionTable(
             self.connector, self.encode_text(clean), timesteps=lambda: self.scheduler.timesteps,
-            clip=self._clip_part(clean, device, lora_scale, clip_skip),
+            clip=self._clip_part(clean, device, lora_scale, clip_skip), pooled=self._pooled_from_connector(),
         )
         row = {text: i for i, text in enumerate(unique)}
 
@@ -165,6 +165,10 @@ class EllaMixin:
             clip_scale=1.0 if opts.get("clip_scale") is None else float(opts["clip_scale"]),
             ella_scale=1.0 if opts.get("ella_scale") is None else float(opts["ella_scale"]),
         )
+
+    def _pooled_from_connector(self) -> bool:
+        """SDXL-style pipelines take a pooled embedding from the connector's head (overridden there)."""
+        return False
 
     def clip_embeds(self, texts: list[str], device, lora_scale=None, clip_skip=None) -> torch.Tensor:
         """``[len(texts), 77, width]``: the parent pipeline's own CLIP encoding (TI tokens, LoRA scale, clip skip)."""
@@ -199,7 +203,7 @@ def check_mode(mode: str) -> None:
         raise EllaError(f"unknown condition mode {mode!r}; use {' or '.join(CONDITION_MODES)}")
 
 
-def ella_pipeline_class(parent: type, name: str, doc: str) -> type:
+def ella_pipeline_class(parent: type, name: str, doc: str, mixin: type = EllaMixin) -> type:
     """``class name(EllaMixin, parent)`` with ``parent``'s ``__init__`` plus the ELLA arguments.
 
     One definition for every pipeline kind (txt2img, img2img, inpainting, ControlNet ...): the
@@ -222,6 +226,7 @@ def ella_pipeline_class(parent: type, name: str, doc: str) -> type:
         self._register_ella(**ella)
 
     __init__.__signature__ = inspect.Signature(params)
-    optional = list(dict.fromkeys(parent._optional_components + ["text_encoder", "tokenizer"] + ELLA_COMPONENTS))
-    return type(name, (EllaMixin, parent), {"__init__": __init__, "__doc__": doc, "_optional_components": optional,
+    clip = [p for p in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if p in parent_sig.parameters]
+    optional = list(dict.fromkeys(parent._optional_components + clip + ELLA_COMPONENTS))
+    return type(name, (mixin, parent), {"__init__": __init__, "__doc__": doc, "_optional_components": optional,
                                             "__module__": "ella.pipelines"})
