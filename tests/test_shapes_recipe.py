@@ -19,10 +19,12 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(["shapes", "reproduce", "--smoke", "--out", str(out)]) == 0
     first = json.loads((out / "reproduce.json").read_text())
-    assert set(first["scores"]) == {"base (weak encoder)", "+tsc", "+resampler", "+mlp"}
+    from ella.shapes.evaluate import CEILING
+
+    assert set(first["scores"]) == {CEILING, "base (weak encoder)", "+tsc", "+resampler", "+mlp"}
     assert all(0.0 <= r["overall"] <= 100.0 for r in first["scores"].values())
-    assert {p.name for p in (out / "eval").glob("*.png")} == {"base-weak-encoder.png", "tsc.png", "resampler.png",
-                                                              "mlp.png"}  # one grid picture per table row
+    assert {p.name for p in (out / "eval").glob("*.png")} == {  # one grid picture per table row
+        "VAE-round-trip-of-the-true-scene-ceiling.png", "base-weak-encoder.png", "tsc.png", "resampler.png", "mlp.png"}
     assert (out / "base" / "model_index.json").is_file() and (out / "base" / "text_encoder").is_dir()
     vae_config = json.loads((out / "base" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215  # measured from the trained VAE's latents, not SD's constant

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..loading import atomic_path
 from . import models as M
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out scenes: never produced by the training seed
+CEILING = "VAE round-trip of the true scene (ceiling)"
 
 
 def load_rows(base: Path, connectors: dict[str, Path], device: str, dtype: torch.dtype) -> dict:
@@ -40,30 +42,59 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
     from .questions import shapes_benchmark
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    benchmark, _ = shapes_benchmark(n_items, seed + EVAL_SEED_OFFSET)
+    benchmark, scenes = shapes_benchmark(n_items, seed + EVAL_SEED_OFFSET)
     oracle = ShapesOracle()
     settings = {"n_items": n_items, "seed": seed, "steps": steps, "guidance": guidance}
     results = _scored_rows(out / "results.json", settings)  # rows a cut-off run already scored
-    for name, build in load_rows(base, connectors, device, dtype).items():
+    rows = {CEILING: None, **load_rows(base, connectors, device, dtype)}
+    for name, build in rows.items():
         if name in results:
             continue
-        pipe = build().to(device)
-        pipe.set_progress_bar_config(disable=True)
         row_dir = out / slug(name)
-        generate_grids(pipe, benchmark.prompts, row_dir, settings={"row": name, "base": str(base)}, base_seed=seed,
-                       tile_size=M.RESOLUTION, call_kwargs={"num_inference_steps": steps, "guidance_scale": guidance},
-                       progress=progress)
+        if build is None:
+            write_ceiling_grids(base / "vae", scenes, row_dir)
+        else:
+            pipe = build().to(device)
+            pipe.set_progress_bar_config(disable=True)
+            generate_grids(pipe, benchmark.prompts, row_dir, settings={"row": name, "base": str(base)},
+                           base_seed=seed, tile_size=M.RESOLUTION, progress=progress,
+                           call_kwargs={"num_inference_steps": steps, "guidance_scale": guidance})
+            del pipe
         items, errors = score_items(benchmark, row_dir, oracle)
         result = aggregate(benchmark, items, errors, official_compat=False)
         results[name] = {k: result[k] for k in ("overall", "categories", "subcategories", "num_items")}
         montage(row_dir, list(benchmark.prompts)[:8], out / f"{slug(name)}.png")
-        del pipe
         # Written after every row, so a run cut off (GPU-time limit) keeps what it scored.
         with atomic_path(out / "results.json") as tmp:
             tmp.write_text(json.dumps({"settings": settings, "rows": results}, indent=2))
         with atomic_path(out / "results.md") as tmp:
             tmp.write_text(to_markdown(results))
     return results
+
+
+def write_ceiling_grids(vae_path: Path, scenes: dict, row_dir: Path) -> None:
+    """Each item's true render, encoded and decoded by the base's VAE, in all four tiles.
+
+    Every row draws through this VAE, so what the oracle still sees after a round trip is the most
+    any row can score: a low ceiling means the autoencoder, not the text condition, is the limit.
+    """
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from ..bench.generate import TILES, make_grid
+    from .world import render
+
+    vae = AutoencoderKL.from_pretrained(vae_path).eval()
+    row_dir.mkdir(parents=True, exist_ok=True)
+    for item_id, scene in scenes.items():
+        if (row_dir / f"{item_id}.png").is_file():
+            continue
+        x = torch.from_numpy(np.asarray(render(scene, size=M.RESOLUTION)).copy()).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x.float() / 127.5 - 1).latent_dist.mode()).sample[0]
+        tile = Image.fromarray(((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+        with atomic_path(row_dir / f"{item_id}.png") as tmp:
+            make_grid([tile] * TILES).save(tmp, format="PNG")
 
 
 def _scored_rows(path: Path, settings: dict) -> dict:
