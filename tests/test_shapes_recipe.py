@@ -26,6 +26,7 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     assert {p.name for p in (out / "eval").glob("*.png")} == {  # one grid picture per table row
         "VAE-round-trip-of-the-true-scene-ceiling.png", "base-weak-encoder.png", "tsc.png", "resampler.png", "mlp.png"}
     assert (out / "base" / "model_index.json").is_file() and (out / "base" / "text_encoder").is_dir()
+    assert 0.0 <= json.loads((out / "vae" / "roundtrip.json").read_text())["oracle_yes_percent"] <= 100.0
     vae_config = json.loads((out / "base" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215  # measured from the trained VAE's latents, not SD's constant
     for variant in ("tsc", "resampler", "mlp"):
@@ -84,3 +85,25 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     (png,) = gen.glob("*.png")
     assert Image.open(png).size == (64, 64)
     assert json.loads(png.with_suffix(".json").read_text())["models"]["model"] == str(model)
+
+
+class _Autoencoder(torch.nn.Module):
+    """Stands in for AutoencoderKL's encode/decode interface: identity, or one that forgets colour."""
+
+    def __init__(self, grey: bool):
+        super().__init__()
+        self.grey, self.p = grey, torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        mode = (lambda: x.mean(1, keepdim=True).expand_as(x)) if self.grey else (lambda: x)
+        return type("Out", (), {"latent_dist": type("Dist", (), {"mode": staticmethod(mode)})()})()
+
+    def decode(self, z):
+        return type("Out", (), {"sample": z})()
+
+
+def test_vae_roundtrip_accuracy_is_100_for_a_lossless_vae_and_low_without_colour():
+    from ella.shapes.evaluate import roundtrip_accuracy
+
+    assert roundtrip_accuracy(_Autoencoder(grey=False), n_scenes=6) == 100.0
+    assert roundtrip_accuracy(_Autoencoder(grey=True), n_scenes=6) < 80.0

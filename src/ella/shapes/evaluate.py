@@ -79,7 +79,6 @@ def write_ceiling_grids(vae_path: Path, scenes: dict, row_dir: Path) -> None:
     any row can score: a low ceiling means the autoencoder, not the text condition, is the limit.
     """
     from diffusers import AutoencoderKL
-    from PIL import Image
 
     from ..bench.generate import TILES, make_grid
     from .world import render
@@ -87,14 +86,36 @@ def write_ceiling_grids(vae_path: Path, scenes: dict, row_dir: Path) -> None:
     vae = AutoencoderKL.from_pretrained(vae_path).eval()
     row_dir.mkdir(parents=True, exist_ok=True)
     for item_id, scene in scenes.items():
-        if (row_dir / f"{item_id}.png").is_file():
-            continue
-        x = torch.from_numpy(np.asarray(render(scene, size=M.RESOLUTION)).copy()).permute(2, 0, 1)[None]
-        with torch.no_grad():
-            y = vae.decode(vae.encode(x.float() / 127.5 - 1).latent_dist.mode()).sample[0]
-        tile = Image.fromarray(((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
-        with atomic_path(row_dir / f"{item_id}.png") as tmp:
-            make_grid([tile] * TILES).save(tmp, format="PNG")
+        if not (row_dir / f"{item_id}.png").is_file():
+            with atomic_path(row_dir / f"{item_id}.png") as tmp:
+                make_grid([roundtrip(vae, render(scene, size=M.RESOLUTION))] * TILES).save(tmp, format="PNG")
+
+
+@torch.no_grad()
+def roundtrip(vae, image):
+    """``image`` encoded (posterior mode) and decoded by ``vae``: what a diffusion model on its latents can draw."""
+    from PIL import Image
+
+    param = next(vae.parameters())
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(param.device, param.dtype)
+    y = vae.decode(vae.encode(x / 127.5 - 1).latent_dist.mode()).sample[0].float().cpu()
+    return Image.fromarray(((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+
+
+def roundtrip_accuracy(vae, n_scenes: int = 100, seed: int = 0) -> float:
+    """% of held-out questions the oracle still answers "yes" to after a VAE round trip (100 = lossless)."""
+    from .oracle import ShapesOracle
+    from .questions import questions
+    from .world import render, scene_for
+
+    oracle, right, total = ShapesOracle(), 0, 0
+    for i in range(n_scenes):
+        scene = scene_for(seed + EVAL_SEED_OFFSET, i)
+        image = roundtrip(vae, render(scene, size=M.RESOLUTION))
+        for q in questions(scene):
+            right += oracle(image, q.question) == "yes"
+            total += 1
+    return 100.0 * right / max(1, total)
 
 
 def _scored_rows(path: Path, settings: dict) -> dict:
