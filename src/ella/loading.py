@@ -406,7 +406,7 @@ def load_pipeline(
 
         if kind not in PIPELINE_KINDS_XL:
             raise EllaError(f"pipeline kind {kind!r} is not available for SDXL; use one of {', '.join(PIPELINE_KINDS_XL)}")
-        common.pop("safety_checker"), common.pop("requires_safety_checker")
+        del common["safety_checker"], common["requires_safety_checker"]  # SDXL pipelines have neither
     pipe = load_base((PIPELINE_KINDS_XL if xl else PIPELINE_KINDS)[kind], base, scheduler, base_config, **common)
     pipe.register_to_config(llm_max_length=max_length, llm_flexible=flexible, llm_hidden_layer=hidden_layer)
     return pipe.to(device)

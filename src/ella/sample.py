@@ -56,7 +56,7 @@ def call_parameters(pipe) -> set[str]:
 
     from .pipelines.base import CALL_OPTIONS, EllaMixin
 
-    parent = next(c for c in type(pipe).__mro__ if c is not EllaMixin and "__call__" in vars(c) and c is not type(pipe))
+    parent = next(c for c in type(pipe).__mro__ if "__call__" in vars(c) and not issubclass(c, EllaMixin))
     names = set(inspect.signature(parent.__call__).parameters)
     return names | (set(CALL_OPTIONS) if isinstance(pipe, EllaMixin) else set())
 
