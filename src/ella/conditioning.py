@@ -223,16 +223,19 @@ def feed_conditions(modules: Iterable[nn.Module | None], table: Callable[[], Con
         if current is None or not _is_placeholder(ehs):
             return None  # somebody else's call with real embeddings: leave it alone
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        per_sample = None  # a batch whose samples sit at different timesteps: each looked up on its own
         if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
             t = timestep.reshape(-1)
             if bool((t == t[0]).all()):
-                cond = current.condition(t[0], placeholder_rows(ehs))
-            else:  # per-sample timesteps: look each sample up on its own
-                rows = placeholder_rows(ehs)
-                cond = torch.cat([current.condition(ti, rows[i : i + 1]) for i, ti in enumerate(t)])
+                timestep = t[0]
+            else:
+                per_sample = t
+        elif isinstance(timestep, torch.Tensor) and timestep.ndim:
+            timestep = timestep.reshape(())  # a view: keeps the storage offset _position reads
+        if per_sample is not None:
+            rows = placeholder_rows(ehs)
+            cond = torch.cat([current.condition(ti, rows[i : i + 1]) for i, ti in enumerate(per_sample)])
         else:
-            if isinstance(timestep, torch.Tensor) and timestep.ndim:
-                timestep = timestep.reshape(())  # a view: keeps the storage offset _position reads
             cond = current.condition_for_placeholder(timestep, ehs)
         if in_args:
             args[2] = cond
@@ -240,12 +243,10 @@ def feed_conditions(modules: Iterable[nn.Module | None], table: Callable[[], Con
             kwargs["encoder_hidden_states"] = cond
         added = kwargs.get("added_cond_kwargs")
         if current.with_pooled and added and "text_embeds" in added:
-            rows = placeholder_rows(ehs)
-            ts = timestep.reshape(-1) if isinstance(timestep, torch.Tensor) else torch.tensor([timestep])
-            if ts.numel() > 1 and not bool((ts == ts[0]).all()):
-                pooled = torch.cat([current.pooled(ti, rows[i : i + 1]) for i, ti in enumerate(ts)])
+            if per_sample is not None:
+                pooled = torch.cat([current.pooled(ti, rows[i : i + 1]) for i, ti in enumerate(per_sample)])
             else:  # (keyed by float(t): one device sync per step, SDXL only)
-                pooled = current.pooled(ts[0], rows)
+                pooled = current.pooled(timestep, placeholder_rows(ehs))
             kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled}
         mask = current.encoder_attention_mask(ehs)
         if mask is not None:
