@@ -34,10 +34,14 @@ def load_rows(base: Path, connectors: dict[str, Path], device: str, dtype: torch
 
 
 def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int = 200, seed: int = 0,
-             steps: int = 25, guidance: float = 5.0, device: str = "cpu", progress: bool = True) -> dict:
-    """Generate + score every row; writes ``out/<row>/`` grids, ``out/results.json`` and ``out/results.md``."""
+             steps: int = 25, guidance: float = 5.0, device: str = "cpu", progress: bool = True,
+             gpus: list[str] | None = None) -> dict:
+    """Generate + score every row; writes ``out/<row>/`` grids, ``out/results.json`` and ``out/results.md``.
+
+    ``gpus`` (ids as ``CUDA_VISIBLE_DEVICES`` names them): with more than one, the rows' images are
+    drawn side by side, one process per GPU, before the rows are scored here one after another.
+    """
     from ..bench.dpg import aggregate, score_items
-    from ..bench.generate import generate_grids
     from .oracle import ShapesOracle
     from .questions import shapes_benchmark
 
@@ -47,6 +51,9 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
     settings = {"n_items": n_items, "seed": seed, "steps": steps, "guidance": guidance}
     results = _scored_rows(out / "results.json", settings)  # rows a cut-off run already scored
     rows = {CEILING: None, **load_rows(base, connectors, device, dtype)}
+    todo = [name for name, build in rows.items() if name not in results and build is not None]
+    if device.startswith("cuda") and gpus and len(gpus) > 1 and len(todo) > 1:
+        _draw_side_by_side(todo, gpus, base, connectors, out, settings)
     for name, build in rows.items():
         if name in results:
             continue
@@ -54,12 +61,7 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
         if build is None:
             write_ceiling_grids(base / "vae", scenes, row_dir)
         else:
-            pipe = build().to(device)
-            pipe.set_progress_bar_config(disable=True)
-            generate_grids(pipe, benchmark.prompts, row_dir, settings={"row": name, "base": str(base)},
-                           base_seed=seed, tile_size=M.RESOLUTION, progress=progress,
-                           call_kwargs={"num_inference_steps": steps, "guidance_scale": guidance})
-            del pipe
+            draw_row(name, build, out, base, settings, device, progress)
         items, errors = score_items(benchmark, row_dir, oracle)
         result = aggregate(benchmark, items, errors, official_compat=False)
         results[name] = {k: result[k] for k in ("overall", "categories", "subcategories", "num_items")}
@@ -70,6 +72,41 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
         with atomic_path(out / "results.md") as tmp:
             tmp.write_text(to_markdown(results))
     return results
+
+
+def draw_row(name: str, build, out: Path, base: Path, settings: dict, device: str, progress: bool) -> None:
+    """One row's 2x2 grids for every benchmark item (items already drawn are skipped)."""
+    from ..bench.generate import generate_grids
+    from .questions import shapes_benchmark
+
+    benchmark, _ = shapes_benchmark(settings["n_items"], settings["seed"] + EVAL_SEED_OFFSET)
+    pipe = build().to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generate_grids(pipe, benchmark.prompts, out / slug(name), settings={"row": name, "base": str(base)},
+                   base_seed=settings["seed"], tile_size=M.RESOLUTION, progress=progress,
+                   call_kwargs={"num_inference_steps": settings["steps"], "guidance_scale": settings["guidance"]})
+
+
+def _draw_side_by_side(names: list[str], gpus: list[str], base: Path, connectors: dict, out: Path,
+                       settings: dict) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [ctx.Process(target=_draw_job, args=(gpus[i % len(gpus)], names[i::len(gpus)], base, connectors, out,
+                                                settings)) for i in range(min(len(gpus), len(names)))]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()  # a failed job leaves its items undrawn: the scoring loop draws them here
+
+
+def _draw_job(gpu: str, names: list[str], base: Path, connectors: dict, out: Path, settings: dict) -> None:
+    from .gpus import pin_gpu
+
+    pin_gpu(gpu)
+    rows = load_rows(base, connectors, "cuda", torch.float16)
+    for name in names:
+        draw_row(name, rows[name], out, base, settings, "cuda", progress=False)
 
 
 def write_ceiling_grids(vae_path: Path, scenes: dict, row_dir: Path) -> None:

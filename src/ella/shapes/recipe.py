@@ -9,7 +9,10 @@
 6. **eval** — shapes-DPG for the base and every connector (``evaluate.py``).
 
 A stage whose output exists is skipped, so a run cut off (e.g. by a GPU-time limit) resumes with the
-same command. Values are plain dataclass fields (nanoGPT style); ``smoke=True`` shrinks everything
+same command. On a machine with several GPUs (``processes``, default: all of them) the VAE and base
+loops run data-parallel, one process per GPU (``gpus.py``), each connector variant trains on its own
+GPU, and the eval rows are drawn side by side; batch sizes are global, so the values mean the same
+on one GPU or four. Values are plain dataclass fields (nanoGPT style); ``smoke=True`` shrinks everything
 so the whole recipe runs in seconds on a CPU (the test suite does that).
 """
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from ..errors import EllaError
 from ..loading import atomic_dir, atomic_path
 from . import models as M
+from .gpus import run_on_gpus
 
 VARIANTS = ("tsc", "resampler", "mlp")
 
@@ -40,19 +44,23 @@ class Recipe:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     n_train: int = 100_000  # scenes (one caption each)
     shard_size: int = 10_000
-    vae_steps: int = 6_000
-    vae_batch: int = 256
+    vae_steps: int = 4_000
+    vae_batch: int = 1024  # global: split over the processes
     vae_lr: float = 1e-3
-    base_steps: int = 20_000
-    base_batch: int = 512
-    base_lr: float = 3e-4
+    base_steps: int = 6_000
+    base_batch: int = 2048  # global: split over the processes
+    base_lr: float = 5e-4
+    base_warmup: int = 500  # linear warm-up steps (a fresh UNet at this rate and batch)
     base_caption_dropout: float = 0.1
     connector_steps: int = 6_000
-    connector_batch: int = 256
-    connector_lr: float = 3e-4  # the paper's 1e-4 is for a 67M connector on 34M pairs; this one is small
+    connector_batch: int = 512
+    connector_lr: float = 4e-4  # the paper's 1e-4 is for a 67M connector on 34M pairs; this one is small
     variants: tuple[str, ...] = VARIANTS
+    # One process per GPU for the VAE and base loops (data-parallel); the connector variants and the eval
+    # rows go one per GPU too. 1 = everything in this process.
+    processes: int = max(1, torch.cuda.device_count())
     parallel_variants: bool = torch.cuda.is_available()  # one process per variant: a small model leaves a GPU idle
-    compile: bool = torch.cuda.is_available()  # torch.compile the base's training step (+45% on an H100)
+    compile: bool = torch.cuda.is_available()  # torch.compile the UNet in the base loop and the trainer
     eval_items: int = 200  # held-out scenes, 4 seeds each (the DPG-Bench protocol)
     eval_steps: int = 25
     eval_guidance: float = 5.0
@@ -62,8 +70,20 @@ class Recipe:
     def smoke(cls, out: str) -> Recipe:
         """CPU-sized: every stage runs, on a handful of samples and steps."""
         return cls(out=out, device="cpu", n_train=24, shard_size=12, vae_steps=3, vae_batch=4, base_steps=3,
-                   base_batch=4, connector_steps=2, connector_batch=4, eval_items=2, eval_steps=2, log_every=1,
-                   parallel_variants=False, compile=False)
+                   base_batch=4, base_warmup=1, connector_steps=2, connector_batch=4, eval_items=2, eval_steps=2,
+                   log_every=1, processes=1, parallel_variants=False, compile=False)
+
+    def check(self) -> None:
+        """Fail before any work on values that can't run."""
+        if self.processes < 1:
+            raise EllaError(f"processes must be >= 1, got {self.processes}")
+        for name in ("vae_batch", "base_batch"):
+            if getattr(self, name) % self.processes:
+                raise EllaError(f"{name}={getattr(self, name)} is the global batch and must divide evenly over "
+                                f"{self.processes} processes (one per GPU); pick a multiple of {self.processes}")
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise EllaError(f"unknown connector variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
     @property
     def root(self) -> Path:
@@ -93,12 +113,12 @@ def make_world(r: Recipe) -> Path:
     return shards
 
 
-def parallel():
+def parallel(processes: int | None = None):
     """A process pool over the CPU cores (rendering is pure PIL, so fork is safe and fast)."""
     import multiprocessing
     import os
 
-    return multiprocessing.get_context("fork").Pool(max(1, min(16, os.cpu_count() or 1)))
+    return multiprocessing.get_context("fork").Pool(max(1, min(16, processes or os.cpu_count() or 1)))
 
 
 def _write_shard(job: tuple[int, int, int, Path]) -> None:
@@ -123,10 +143,14 @@ def _render_range(job: tuple[int, int, int]) -> np.ndarray:
     return np.stack([np.asarray(render(scene_for(seed, i), size=M.RESOLUTION)) for i in range(start, stop)])
 
 
-def load_world_images(r: Recipe) -> torch.Tensor:
-    """All renders as one uint8 tensor [N, 3, 64, 64] (100k scenes: 1.2 GB) for the VAE stage."""
+def load_world_images(r: Recipe, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Renders as one uint8 tensor [N, 3, 64, 64] (100k scenes: 1.2 GB): process ``rank`` of ``world`` gets
+    every ``world``-th shard's scenes (data parallel: each GPU trains on its own part)."""
+    import os
+
     jobs = [(r.seed, s, min(s + r.shard_size, r.n_train)) for s in range(0, r.n_train, r.shard_size)]
-    with parallel() as pool:
+    jobs = jobs[rank::world] or jobs[:1]
+    with parallel(max(1, (os.cpu_count() or 1) // world)) as pool:
         parts = pool.map(_render_range, jobs)
     return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
 
@@ -134,42 +158,68 @@ def load_world_images(r: Recipe) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- 2. vae
 
 
-def train_vae(r: Recipe) -> Path:
+class VaeLoss(torch.nn.Module):
+    """The VAE's training loss as one ``forward``, so DDP sees (and syncs) the whole encode-decode step."""
 
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample(generator=generator)).sample
+        # Reconstruction dominates; a tiny KL keeps the latent space smooth enough for diffusion.
+        return F.mse_loss(recon.float(), x.float()) + 1e-6 * posterior.kl().mean()
+
+
+def train_vae(r: Recipe) -> Path:
     path = r.root / "vae"
-    if (path / "config.json").is_file():
-        return path
-    device = torch.device(r.device)
-    images = load_world_images(r).to(device)
+    if not (path / "config.json").is_file():
+        run_on_gpus(_train_vae, r.processes, r)
+    return path
+
+
+def _train_vae(rank: int, world: int, r: Recipe) -> None:
+    from . import gpus
+
+    device = gpus.device_for(r.device, rank)
+    images = load_world_images(r, rank, world).to(device)
     vae = M.new_vae(r.seed).to(device).train()
+    step_fn = gpus.data_parallel(VaeLoss(vae), world, device)
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     # The first full run (constant 1e-3, no clipping) ended on a loss spike with colours lost in the round
     # trip (oracle colour accuracy 13%): decay the rate to zero and clip, so the last step is a good one.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.vae_lr, total_steps=r.vae_steps, pct_start=0.05)
-    gen = torch.Generator(device).manual_seed(r.seed)
+    gen = torch.Generator(device).manual_seed(r.seed + 7919 * rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    batch = r.vae_batch // world
+    t0 = time.perf_counter()
     for step in range(1, r.vae_steps + 1):
-        idx = torch.randint(0, len(images), (r.vae_batch,), generator=gen, device=device)
-        x = images[idx].float() / 127.5 - 1
+        idx = torch.randint(0, len(images), (batch,), generator=gen, device=device)
         with autocast:
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=gen)).sample
-        # Reconstruction dominates; a tiny KL keeps the latent space smooth enough for diffusion.
-        loss = F.mse_loss(recon.float(), x) + 1e-6 * posterior.kl().mean()
+            loss = step_fn(images[idx].float() / 127.5 - 1, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % r.log_every == 0 or step == r.vae_steps:
-            log(f"vae step {step}/{r.vae_steps} loss {loss.item():.5f}")
-    vae.eval()
+        if rank == 0 and (step % r.log_every == 0 or step == r.vae_steps):
+            rate = step * r.vae_batch / (time.perf_counter() - t0)
+            log(f"vae step {step}/{r.vae_steps} loss {loss.item():.5f} ({rate:.0f} samples/s)")
+    if rank == 0:
+        save_vae(r, vae.eval(), images)
+    gpus.barrier(world)
+
+
+def save_vae(r: Recipe, vae, images: torch.Tensor) -> None:
+    """Scaling factor, the round-trip check, then the VAE directory (atomically)."""
+    from .evaluate import roundtrip_accuracy
+
+    path = r.root / "vae"
     with torch.no_grad():  # SD's recipe: scale latents to unit variance for the diffusion model
         x = images[: min(len(images), 2048)].float() / 127.5 - 1
         std = torch.cat([vae.encode(b).latent_dist.mode() for b in x.split(256)]).float().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    from .evaluate import roundtrip_accuracy
-
     kept = roundtrip_accuracy(vae, n_scenes=100 if r.device != "cpu" else 2, seed=r.seed)
     with atomic_dir(path) as staging:
         vae.save_pretrained(staging)
@@ -178,7 +228,6 @@ def train_vae(r: Recipe) -> Path:
     if kept < 95.0:
         log(f"WARNING: the VAE loses {100 - kept:.1f}% of the facts the oracle checks; that caps every row "
             "(train it longer: --vae-steps)")
-    return path
 
 
 def write_base(r: Recipe, unet, vae_path: Path) -> Path:
@@ -235,12 +284,19 @@ def cached_latents_and_captions(cache: Path) -> tuple[torch.Tensor, list[str]]:
 
 def train_base(r: Recipe, cache: Path, vae_path: Path) -> Path:
     """The frozen base: UNet on cached latents, conditioned on the weak encoder (first 20 tokens only)."""
+    path = r.root / "base"
+    if not (path / "model_index.json").is_file():
+        run_on_gpus(_train_base, r.processes, r, cache, vae_path)
+    return path
+
+
+def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -> None:
+    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    path = r.root / "base"
-    if (path / "model_index.json").is_file():
-        return path
-    device = torch.device(r.device)
+    from . import gpus
+
+    device = gpus.device_for(r.device, rank)
     latents, captions = cached_latents_and_captions(cache)
     latents = latents.to(device)
     encoder, tokenizer = M.weak_text_encoder()
@@ -253,23 +309,27 @@ def train_base(r: Recipe, cache: Path, vae_path: Path) -> Path:
             conds.append(encoder(**ids)[0].to(torch.bfloat16))
         empty = conds[-1][-1]
         conds = torch.cat([c[:-1] for c in conds])
-    unet = M.new_unet(r.seed).to(device).train()
+    del encoder
+    unet = M.new_unet(r.seed).to(device).train()  # same seed on every process: identical replicas
     ema = EMAModel(unet.parameters(), decay=0.999, foreach=True)
+    model = gpus.data_parallel(unet, world, device)
     # Fixed batch, so static shapes (dynamic ones crashed inductor's GroupNorm backward at batch 1024).
-    forward = torch.compile(unet, dynamic=False) if r.compile else unet
+    forward = torch.compile(model, dynamic=False) if r.compile else model
     sched = M.new_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=r.base_lr, weight_decay=0.01)
-    gen = torch.Generator(device).manual_seed(r.seed + 1)
+    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=r.base_warmup)
+    gen = torch.Generator(device).manual_seed(r.seed + 1 + 7919 * rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    batch = r.base_batch // world
     t0 = time.perf_counter()
     for step in range(1, r.base_steps + 1):
-        idx = torch.randint(0, len(latents), (r.base_batch,), generator=gen, device=device)
+        idx = torch.randint(0, len(latents), (batch,), generator=gen, device=device)
         x0 = latents[idx].float()
         cond = conds[idx].float()
-        drop = torch.rand(r.base_batch, generator=gen, device=device) < r.base_caption_dropout
+        drop = torch.rand(batch, generator=gen, device=device) < r.base_caption_dropout
         cond[drop] = empty.float()
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (r.base_batch,), generator=gen, device=device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen, device=device)
         with autocast:
             pred = forward(sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred.float(), sched.get_velocity(x0, noise, t))
@@ -277,12 +337,15 @@ def train_base(r: Recipe, cache: Path, vae_path: Path) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
+        lr_sched.step()
         ema.step(unet.parameters())
-        if step % r.log_every == 0 or step == r.base_steps:
+        if rank == 0 and (step % r.log_every == 0 or step == r.base_steps):
             rate = step * r.base_batch / (time.perf_counter() - t0)
             log(f"base step {step}/{r.base_steps} loss {loss.item():.4f} ({rate:.0f} samples/s)")
-    ema.copy_to(unet.parameters())
-    return write_base(r, unet.eval().to("cpu"), vae_path)
+    if rank == 0:
+        ema.copy_to(unet.parameters())
+        write_base(r, unet.eval().to("cpu"), vae_path)
+    gpus.barrier(world)
 
 
 # ----------------------------------------------------------------------------- 5. connectors
@@ -302,8 +365,13 @@ def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
         return out
     import multiprocessing
 
+    from .gpus import gpu_ids
+
+    ids = gpu_ids()[: r.processes]
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
-    jobs = [ctx.Process(target=_variant_job, args=(asdict(r), v, str(cache), str(base))) for v in todo]
+    jobs = [ctx.Process(target=_variant_job, args=(asdict(r), v, str(cache), str(base),
+                                                   ids[i % len(ids)] if len(ids) > 1 else None, len(todo)))
+            for i, v in enumerate(todo)]
     for job in jobs:
         job.start()
     for job in jobs:
@@ -315,27 +383,32 @@ def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
     return out
 
 
-def _variant_job(recipe: dict, variant: str, cache: str, base: str) -> None:
+def _variant_job(recipe: dict, variant: str, cache: str, base: str, gpu: str | None, side_by_side: int) -> None:
     import os
     import sys
 
+    from .gpus import pin_gpu
+
+    pin_gpu(gpu)  # first: before anything in this process touches CUDA
     r = Recipe(**{**recipe, "variants": tuple(recipe["variants"])})
     with open(r.root / f"connector-{variant}.log", "a") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
-        train_variant(r, variant, Path(cache), Path(base))
+        train_variant(r, variant, Path(cache), Path(base), side_by_side)
 
 
-def train_variant(r: Recipe, variant: str, cache: Path, base: Path) -> Path:
+def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side: int = 1) -> Path:
     from ..train.config import build_config
     from ..train.train import main as train
 
     run = r.root / f"connector-{variant}"
     init = r.root / f"init-{variant}.safetensors"
     M.new_connector(variant, seed=r.seed).save_single_file(init)
-    workers = 0 if r.device == "cpu" else (4 if r.parallel_variants else 8)
+    import os
+
+    workers = 0 if r.device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // side_by_side - 1))
     cfg = build_config(dict(
         pretrained_model_name_or_path=str(base), llm_name_or_path=str(M.minilm_path()), train_data_dir=str(cache),
         init_connector=str(init), connector_variant=variant, output_dir=str(run), resolution=M.RESOLUTION,
@@ -343,6 +416,7 @@ def train_variant(r: Recipe, variant: str, cache: Path, base: Path) -> Path:
         learning_rate=r.connector_lr, checkpointing_steps=max(1, r.connector_steps // 4), checkpoints_total_limit=1,
         resume_from_checkpoint="latest", dataloader_num_workers=workers,
         report_to="none" if r.device == "cpu" else "tensorboard", seed=r.seed, logging_steps=r.log_every,
+        torch_compile=r.compile,
     ))
     log(f"connector {variant}: {M.param_count(M.new_connector(variant)) / 1e6:.2f}M parameters")
     train(cfg)
@@ -356,6 +430,7 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
     """Every stage in order up to ``until`` (finished ones skipped); returns the paths and wall time per stage."""
     if until not in STAGES:
         raise EllaError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
+    r.check()
     r.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(r.root / "recipe.json") as tmp:
         tmp.write_text(json.dumps(asdict(r), indent=2))
@@ -391,9 +466,11 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
         return finish()
     from .evaluate import evaluate
 
+    from .gpus import gpu_ids
+
     result["scores"] = evaluate(base, connectors, r.root / "eval", n_items=r.eval_items, seed=r.seed,
                                 steps=r.eval_steps, guidance=r.eval_guidance, device=r.device,
-                                progress=r.device != "cpu")
+                                progress=r.device != "cpu", gpus=gpu_ids()[: r.processes])
     lap("eval")
     return finish()
 

@@ -96,7 +96,9 @@ def main(cfg: TrainConfig) -> Path:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     # On an H100 compile gives 1.27x (benchmarks/RESULTS.md); channels_last did not help the compiled UNet.
-    unet_forward = torch.compile(unet) if cfg.torch_compile else unet
+    # Static shapes: an epoch's short last batch compiles once more, where dynamic shapes would recompile
+    # everything (and crashed inductor's GroupNorm backward on the shapes world's UNet).
+    unet_forward = torch.compile(unet, dynamic=False) if cfg.torch_compile else unet
 
     # ---- Optimizer (AdamW, paper: constant lr, weight decay 0.01), lr schedule, EMA
     optimizer_cls, extra = torch.optim.AdamW, {"fused": device.type == "cuda"}  # fused: one kernel per step
@@ -271,9 +273,16 @@ def batch_features(batch: dict, llm, tokenizer, cfg: TrainConfig, device) -> tup
     if "features" in batch:
         mask = batch["feature_mask"].to(device)
         return batch["features"].to(device), mask if cfg.connector_variant == "mlp" else None
-    out = encode_text(llm, tokenizer, batch["captions"], max_length=cfg.llm_max_length,
-                      flexible=cfg.connector_variant == "mlp", hidden_layer=cfg.llm_hidden_layer)
-    return out.hidden_states, out.attention_mask
+    flexible = cfg.connector_variant == "mlp"
+    out = encode_text(llm, tokenizer, batch["captions"], max_length=cfg.llm_max_length, flexible=flexible,
+                      hidden_layer=cfg.llm_hidden_layer)
+    states, mask = out.hidden_states, out.attention_mask
+    if flexible and cfg.torch_compile:
+        # The MLP's tokens follow the text, so its batches are as long as their longest caption; a compiled
+        # UNet gets them padded to llm_max_length instead, masked, so the loss is the same but shapes static.
+        extra = cfg.llm_max_length - states.shape[1]
+        states, mask = F.pad(states, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+    return states, mask
 
 
 def time_ids(batch: dict, resolution: int) -> torch.Tensor:
