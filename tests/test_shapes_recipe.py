@@ -31,6 +31,9 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     assert vae_config["scaling_factor"] != 0.18215  # measured from the trained VAE's latents, not SD's constant
     for variant in ("tsc", "resampler", "mlp"):
         assert (out / f"connector-{variant}" / "ella.safetensors").is_file()
+        assert json.loads((out / f"connector-{variant}" / "training.json").read_text())["steps"] == 2
+    assert json.loads((out / "base" / "training.json").read_text()) == {
+        "steps": 3, "max_steps": 3, "batch": 4, "stopped_by": "steps", "samples": 12}
     unet = out / "base" / "unet" / "diffusion_pytorch_model.safetensors"
     before = digest(unet)
     # a second run skips every finished stage (no retraining: the base's weights are untouched) and rescores
@@ -58,6 +61,7 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     a, b = load_file(unet), load_file(run2 / "base" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert set(third["scores"]) == set(first["scores"])
+    assert (run2 / "connector-tsc" / "training.json").is_file() and (run2 / "base" / "training.json").is_file()
 
     # the run exports like the shipped model: fp16 files under 30 MB, loadable by both pipeline kinds, and
     # `ella demo --model` writes its PASS/FAIL sheet (the scores of a 3-step model mean nothing)

@@ -163,6 +163,22 @@ def test_sigkill_and_resume_is_bit_identical(tiny_sd, tiny_t5, folder, tmp_path)
     assert progress["global_step"] == steps
 
 
+def test_time_limit_stops_with_checkpoint_and_export_and_resume_finishes_the_same_run(tiny_sd, tiny_t5, folder,
+                                                                                     tmp_path):
+    """A lent machine's clock: --max_train_minutes stops early, exports, and says how far it got."""
+    straight = train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "straight"))
+    out = tmp_path / "limited"
+    train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, out, max_train_minutes=1e-9, resume_from_checkpoint="latest"))
+    assert json.loads((out / "training.json").read_text()) == {
+        "steps": 1, "max_train_steps": 6, "samples_seen": 4, "stopped_by": "time"}
+    assert (out / "ella.safetensors").is_file() and (out / "checkpoint-1").is_dir()
+
+    train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, out, resume_from_checkpoint="latest"))
+    assert json.loads((out / "training.json").read_text())["stopped_by"] == "steps"
+    a, b = load_file(straight / "ella.safetensors"), load_file(out / "ella.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_corrupt_samples_are_skipped_and_counted(tiny_sd, tiny_t5, tmp_path):
     data = make_folder(tmp_path / "data", n=6, corrupt=2)
     out = train_mod.main(tiny_config(tiny_sd, tiny_t5, data, tmp_path / "run", max_train_steps=4,

@@ -181,7 +181,7 @@ def add_shapes_parser(sub) -> None:
         if f.name in ("variants",):
             rep.add_argument("--variants", nargs="+", default=None, help=f"default: {' '.join(f.default)}")
         else:
-            kind = _yes_no if isinstance(f.default, bool) else type(f.default)
+            kind = _yes_no if isinstance(f.default, bool) else float if f.default is None else type(f.default)
             rep.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
                              help=f"default: {f.default!r}")
 

@@ -46,7 +46,8 @@ def write_bundle(run: Path, out: Path) -> list[Path]:
             for f in sorted((run / sub).rglob("*")):
                 if f.is_file() and f.suffix != ".safetensors":
                     tar.add(f, arcname=str(f.relative_to(run)))
-        for f in sorted(run.glob("*.json")) + sorted((run / "eval").glob("*.md")) + sorted((run / "eval").glob("*.png")):
+        extras = sorted(run.glob("*.json")) + sorted(run.glob("connector-*/training.json"))
+        for f in extras + sorted((run / "eval").glob("*.md")) + sorted((run / "eval").glob("*.png")):
             tar.add(f, arcname=str(f.relative_to(run)))
         if (run / "eval" / "results.json").is_file():
             tar.add(run / "eval" / "results.json", arcname="eval/results.json")

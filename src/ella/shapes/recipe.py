@@ -61,6 +61,9 @@ class Recipe:
     processes: int = max(1, torch.cuda.device_count())
     parallel_variants: bool = torch.cuda.is_available()  # one process per variant: a small model leaves a GPU idle
     compile: bool = torch.cuda.is_available()  # torch.compile the UNet in the base loop and the trainer
+    # Unix time at which the base loop and the connector runs stop early, saving what they have (each
+    # records its steps in training.json): for a machine lent until a known time. None = run every step.
+    stop_at: float | None = None
     eval_items: int = 200  # held-out scenes, 4 seeds each (the DPG-Bench protocol)
     eval_steps: int = 25
     eval_guidance: float = 5.0
@@ -230,7 +233,7 @@ def save_vae(r: Recipe, vae, images: torch.Tensor) -> None:
             "(train it longer: --vae-steps)")
 
 
-def write_base(r: Recipe, unet, vae_path: Path) -> Path:
+def write_base(r: Recipe, unet, vae_path: Path, training: dict | None = None) -> Path:
     """A StableDiffusionPipeline directory: VAE, UNet, weak encoder + its tokenizer, DDIM (trailing, v-pred)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
@@ -245,6 +248,8 @@ def write_base(r: Recipe, unet, vae_path: Path) -> Path:
     path = r.root / "base"
     with atomic_dir(path) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
+        if training is not None:  # how far the loop got (a time limit may have stopped it early)
+            (staging / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     return path
 
 
@@ -322,7 +327,13 @@ def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batch = r.base_batch // world
     t0 = time.perf_counter()
+    deadline = time.monotonic() + (r.stop_at - time.time()) if r.stop_at else None
+    training = {"steps": 0, "max_steps": r.base_steps, "batch": r.base_batch, "stopped_by": "steps"}
     for step in range(1, r.base_steps + 1):
+        if step % 25 == 0 and gpus.past(deadline, world):
+            training["stopped_by"] = "time"
+            break
+        training["steps"] = step
         idx = torch.randint(0, len(latents), (batch,), generator=gen, device=device)
         x0 = latents[idx].float()
         cond = conds[idx].float()
@@ -344,7 +355,9 @@ def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -
             log(f"base step {step}/{r.base_steps} loss {loss.item():.4f} ({rate:.0f} samples/s)")
     if rank == 0:
         ema.copy_to(unet.parameters())
-        write_base(r, unet.eval().to("cpu"), vae_path)
+        training["samples"] = training["steps"] * r.base_batch
+        log(f"base: {training['steps']} steps ({training['samples']} samples), stopped by {training['stopped_by']}")
+        write_base(r, unet.eval().to("cpu"), vae_path, training)
     gpus.barrier(world)
 
 
@@ -416,7 +429,7 @@ def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side
         learning_rate=r.connector_lr, checkpointing_steps=max(1, r.connector_steps // 4), checkpoints_total_limit=1,
         resume_from_checkpoint="latest", dataloader_num_workers=workers,
         report_to="none" if r.device == "cpu" else "tensorboard", seed=r.seed, logging_steps=r.log_every,
-        torch_compile=r.compile,
+        torch_compile=r.compile, max_train_minutes=max(0.05, (r.stop_at - time.time()) / 60) if r.stop_at else None,
     ))
     log(f"connector {variant}: {M.param_count(M.new_connector(variant)) / 1e6:.2f}M parameters")
     train(cfg)

@@ -107,8 +107,12 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old)
 
 
-def export_connector(connector, ema, directory: Path) -> None:
-    """``ella.safetensors`` + ``connector/`` in ``directory``; EMA weights if EMA is on."""
+def export_connector(connector, ema, directory: Path, training: dict | None = None) -> None:
+    """``ella.safetensors`` + ``connector/`` in ``directory``; EMA weights if EMA is on.
+
+    ``training`` (steps done, samples seen, why it stopped) goes to ``training.json`` beside them: a run
+    stopped by a time limit says how far it got, so its weights can be reproduced by step count.
+    """
     import copy
 
     model = connector
@@ -118,6 +122,8 @@ def export_connector(connector, ema, directory: Path) -> None:
     model.save_single_file(directory / "ella.safetensors")
     with atomic_dir(directory / "connector") as staging:
         model.save_pretrained(staging, safe_serialization=True)
+    if training is not None:
+        write_json(directory / "training.json", training)
 
 
 def save_ema(ema, directory: Path) -> None:

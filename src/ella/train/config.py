@@ -48,6 +48,9 @@ class TrainConfig:
     train_batch_size: int = 16  # per device
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 10000
+    # Stop early (checkpoint + export, as at the last step) once this many minutes of training have passed:
+    # for machines lent for a fixed time. Rerunning with --resume_from_checkpoint latest continues.
+    max_train_minutes: float | None = None
     learning_rate: float = 1e-4  # paper: 1e-4 for SD1.5, 1e-5 for SDXL
     lr_scheduler: str = "constant"  # paper: constant; any diffusers.optimization scheduler name
     lr_warmup_steps: int = 0
@@ -102,6 +105,8 @@ class TrainConfig:
             raise EllaError(f"--mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise EllaError(f"--prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise EllaError(f"--max_train_minutes must be positive, got {self.max_train_minutes}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise EllaError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         if (self.dataset_name is None) == (self.train_data_dir is None):

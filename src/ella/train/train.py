@@ -151,7 +151,9 @@ def main(cfg: TrainConfig) -> Path:
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     generator = torch.Generator(device=device)
     window_start, window_samples = time.perf_counter(), 0
-    while progress.global_step < cfg.max_train_steps:
+    deadline = time.monotonic() + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
+    stopped_by = "steps"
+    while progress.global_step < cfg.max_train_steps and stopped_by == "steps":
         start_epoch(loader, dataset, progress.epoch)
         batches = accelerator.skip_first_batches(loader, progress.batches_in_epoch) if progress.batches_in_epoch else loader
         for batch in batches:
@@ -191,6 +193,10 @@ def main(cfg: TrainConfig) -> Path:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", sps=f"{logs['samples_per_s']:.1f}", skipped=progress.skipped)
                 window_start, window_samples = time.perf_counter(), 0
             done = progress.global_step >= cfg.max_train_steps
+            if not done and out_of_time(deadline, accelerator):
+                done, stopped_by = True, "time"
+                accelerator.print(f"--max_train_minutes {cfg.max_train_minutes} reached: stopping at step "
+                                  f"{progress.global_step} of {cfg.max_train_steps} (resume to go on)")
             if progress.global_step % cfg.checkpointing_steps == 0 or done:
                 save_checkpoint(accelerator, output_dir, progress, accelerator.unwrap_model(connector), ema,
                                 cfg.checkpoints_total_limit)
@@ -207,7 +213,10 @@ def main(cfg: TrainConfig) -> Path:
     # ---- Final weights beside the checkpoints: the files a user loads
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export_connector(accelerator.unwrap_model(connector), ema, output_dir)
+        export_connector(accelerator.unwrap_model(connector), ema, output_dir,
+                         {"steps": progress.global_step, "max_train_steps": cfg.max_train_steps,
+                          "samples_seen": progress.samples_seen * accelerator.num_processes,
+                          "stopped_by": stopped_by})
         if progress.skipped:
             accelerator.print(f"skipped {progress.skipped} corrupt or unreadable samples")
     accelerator.end_training()
@@ -253,6 +262,17 @@ def diffusion_loss(connector, unet, noise_scheduler, latents, features, mask, *,
         weight = weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
         per_sample = per_sample * weight
     return per_sample.mean()
+
+
+def out_of_time(deadline: float | None, accelerator) -> bool:
+    """Past the deadline? Every process gets the same answer (the latest clock decides), so all stop together."""
+    if deadline is None:
+        return False
+    late = time.monotonic() > deadline
+    if accelerator.num_processes == 1:
+        return late
+    flag = torch.tensor([float(late)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def noise_seed(seed: int, process: int, micro_step: int) -> int:
