@@ -461,12 +461,18 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
             tmp.write_text(json.dumps(result, indent=2))
         return result
 
-    world = make_world(r)
-    lap("world")
-    vae = train_vae(r)
-    lap("vae")
-    cache = cache_latents(r, world, vae)
-    lap("cache")
+    trained = (r.root / "base" / "model_index.json").is_file() and all(
+        (r.root / f"connector-{v}" / "ella.safetensors").is_file() for v in r.variants)
+    if trained and until in ("connectors", "eval"):
+        world = cache = None  # nothing left to train (e.g. restored from a bundle): no world, no latents
+        vae = r.root / "vae"
+    else:
+        world = make_world(r)
+        lap("world")
+        vae = train_vae(r)
+        lap("vae")
+        cache = cache_latents(r, world, vae)
+        lap("cache")
     base = train_base(r, cache, vae)
     lap("base")
     result["base"] = str(base)
@@ -478,7 +484,6 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
     if until == "connectors":
         return finish()
     from .evaluate import evaluate
-
     from .gpus import gpu_ids
 
     result["scores"] = evaluate(base, connectors, r.root / "eval", n_items=r.eval_items, seed=r.seed,
