@@ -11,11 +11,15 @@
 # and finishes one stage. STOP=SECONDS makes the training loops stop (and save) that long after the
 # call began (the recipe's --stop-at), so a stage always ends inside the call:
 #
-#   A  run(carry=[".whl"]): STOP=530 bash benchmarks/shapes_gpu_job.sh base 575 \
+#   A  run(carry=[".whl"]): STOP=520 bash benchmarks/shapes_gpu_job.sh base 575 \
 #          --from-bundle benchmarks/shapes/bundle-vae --until base --base-steps 20000
-#   B  (A's bundle copied to .carry/bundle) run(carry=[".whl", ".carry"]): STOP=540 bash \
-#          benchmarks/shapes_gpu_job.sh conn 575 --from-bundle .carry/bundle --until connectors --connector-steps 50000
-#   C  (B's bundle in .carry/bundle) STOP=0 bash benchmarks/shapes_gpu_job.sh eval 575 --from-bundle .carry/bundle
+#   B  (A's bundle copied to .carry/bundle) run(carry=[".whl", ".carry"]): STOP=530 bash \
+#          benchmarks/shapes_gpu_job.sh conn 580 --from-bundle .carry/bundle --until connectors --connector-steps 50000
+#   C  (B's bundle in .carry/bundle) bash benchmarks/shapes_gpu_job.sh eval 575 --from-bundle .carry/bundle \
+#          --eval-items 100            (trained stages restored: no world or cache is built, only scoring)
+#
+# Each was run on this machine's CPU with tiny sizes (--device cpu --n-train 2000 --processes 2 ...)
+# before it went to a GPU. ".carry/" must be in .git/info/exclude.
 #
 # .whl/ (git-ignored) holds the wheels the machine lacks (diffusers, importlib_metadata, webdataset,
 # braceexpand) and the LLM packed by benchmarks/shapes_pack_llm.py (minilm.tar.xz, ~19 MiB). The
