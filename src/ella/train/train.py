@@ -150,13 +150,13 @@ def main(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.max_train_steps, initial=progress.global_step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     generator = torch.Generator(device=device)
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_samples, data_wait = time.perf_counter(), 0, [0.0]
     deadline = time.monotonic() + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
     stopped_by = "steps"
     while progress.global_step < cfg.max_train_steps and stopped_by == "steps":
         start_epoch(loader, dataset, progress.epoch)
         batches = accelerator.skip_first_batches(loader, progress.batches_in_epoch) if progress.batches_in_epoch else loader
-        for batch in batches:
+        for batch in timed(batches, data_wait):
             progress.batches_in_epoch += 1
             progress.micro_steps += 1
             progress.skipped += batch["skipped"]
@@ -186,12 +186,14 @@ def main(cfg: TrainConfig) -> Path:
             if progress.global_step % cfg.logging_steps == 0 or progress.global_step == 1:
                 elapsed = time.perf_counter() - window_start
                 logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0],
-                        "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped_samples": progress.skipped}
+                        "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped_samples": progress.skipped,
+                        "data_wait_fraction": data_wait[0] / max(elapsed, 1e-9)}
                 if device.type == "cuda":
                     logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 accelerator.log(logs, step=progress.global_step)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", sps=f"{logs['samples_per_s']:.1f}", skipped=progress.skipped)
-                window_start, window_samples = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", sps=f"{logs['samples_per_s']:.1f}", skipped=progress.skipped,
+                                data_wait=f"{logs['data_wait_fraction']:.0%}")
+                window_start, window_samples, data_wait[0] = time.perf_counter(), 0, 0.0
             done = progress.global_step >= cfg.max_train_steps
             if not done and out_of_time(deadline, accelerator):
                 done, stopped_by = True, "time"
@@ -262,6 +264,22 @@ def diffusion_loss(connector, unet, noise_scheduler, latents, features, mask, *,
         weight = weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
         per_sample = per_sample * weight
     return per_sample.mean()
+
+
+def timed(batches, clock: list[float]):
+    """Yield the batches, adding the time spent waiting for each to ``clock[0]``.
+
+    Logged as ``data_wait_fraction``: near 0 the GPU step is the limit, near 1 the data loader is.
+    """
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        clock[0] += time.perf_counter() - start
+        yield batch
 
 
 def out_of_time(deadline: float | None, accelerator) -> bool:
