@@ -179,6 +179,35 @@ def test_time_limit_stops_with_checkpoint_and_export_and_resume_finishes_the_sam
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compiled_mlp_runs_pad_text_to_max_length_and_the_loss_is_unchanged(tiny_sd, tiny_t5, folder, tmp_path):
+    """With --torch_compile the MLP's token-aligned batches are padded to llm_max_length (static shapes for the
+    compiled UNet) and masked, so the UNet attends to the same tokens: same loss as the unpadded batch."""
+    from ella.train.data import Augment, collate, open_dataset
+    from ella.train.models import load_frozen, make_connector, read_dims
+
+    plain = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "a", connector_variant="mlp", llm_max_length=48)
+    padded = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "b", connector_variant="mlp", llm_max_length=48,
+                         torch_compile=True)
+    dims = read_dims(plain, None)
+    torch.manual_seed(0)
+    connector = make_connector(plain, dims)
+    unet, vae, llm, tok, sched = load_frozen(plain, torch.float32, "cpu", need_vae=True, need_llm=True)
+    data = open_dataset(str(folder), Augment(resolution=plain.resolution, center_crop=True, caption_dropout=0.0))
+    batch = collate([data[i] for i in range(4)])
+    batch["captions"][1] = "a much longer caption about a red square that sits on the left of the picture"
+    latents = train_mod.batch_latents(batch, vae, "cpu")
+    losses = []
+    for cfg in (plain, padded):
+        feats, mask = train_mod.batch_features(batch, llm, tok, cfg, "cpu")
+        losses.append(train_mod.diffusion_loss(connector, unet, sched, latents, feats, mask, dims=dims,
+                                               generator=torch.Generator().manual_seed(1)))
+        if cfg is padded:
+            assert feats.shape[1] == 48 and mask.shape == (4, 48) and mask[:, -1].sum() == 0
+        else:
+            assert feats.shape[1] < 48  # as long as the longest caption
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
 def test_corrupt_samples_are_skipped_and_counted(tiny_sd, tiny_t5, tmp_path):
     data = make_folder(tmp_path / "data", n=6, corrupt=2)
     out = train_mod.main(tiny_config(tiny_sd, tiny_t5, data, tmp_path / "run", max_train_steps=4,
