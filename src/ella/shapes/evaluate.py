@@ -53,7 +53,7 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
     rows = {CEILING: None, **load_rows(base, connectors, device, dtype)}
     todo = [name for name, build in rows.items() if name not in results and build is not None]
     if device.startswith("cuda") and gpus and len(gpus) > 1 and len(todo) > 1:
-        _draw_side_by_side(todo, gpus, base, connectors, out, settings)
+        _draw_side_by_side(todo, gpus, base, connectors, out, settings, benchmark.prompts)
     for name, build in rows.items():
         if name in results:
             continue
@@ -61,7 +61,7 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
         if build is None:
             write_ceiling_grids(base / "vae", scenes, row_dir)
         else:
-            draw_row(name, build, out, base, settings, device, progress)
+            draw_row(name, build, benchmark.prompts, out, base, settings, device, progress)
         items, errors = score_items(benchmark, row_dir, oracle)
         result = aggregate(benchmark, items, errors, official_compat=False)
         results[name] = {k: result[k] for k in ("overall", "categories", "subcategories", "num_items")}
@@ -74,39 +74,39 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
     return results
 
 
-def draw_row(name: str, build, out: Path, base: Path, settings: dict, device: str, progress: bool) -> None:
+def draw_row(name: str, build, prompts: dict, out: Path, base: Path, settings: dict, device: str,
+             progress: bool) -> None:
     """One row's 2x2 grids for every benchmark item (items already drawn are skipped)."""
     from ..bench.generate import generate_grids
-    from .questions import shapes_benchmark
 
-    benchmark, _ = shapes_benchmark(settings["n_items"], settings["seed"] + EVAL_SEED_OFFSET)
     pipe = build().to(device)
     pipe.set_progress_bar_config(disable=True)
-    generate_grids(pipe, benchmark.prompts, out / slug(name), settings={"row": name, "base": str(base)},
+    generate_grids(pipe, prompts, out / slug(name), settings={"row": name, "base": str(base)},
                    base_seed=settings["seed"], tile_size=M.RESOLUTION, progress=progress,
                    call_kwargs={"num_inference_steps": settings["steps"], "guidance_scale": settings["guidance"]})
 
 
 def _draw_side_by_side(names: list[str], gpus: list[str], base: Path, connectors: dict, out: Path,
-                       settings: dict) -> None:
+                       settings: dict, prompts: dict) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     jobs = [ctx.Process(target=_draw_job, args=(gpus[i % len(gpus)], names[i::len(gpus)], base, connectors, out,
-                                                settings)) for i in range(min(len(gpus), len(names)))]
+                                                settings, prompts)) for i in range(min(len(gpus), len(names)))]
     for job in jobs:
         job.start()
     for job in jobs:
         job.join()  # a failed job leaves its items undrawn: the scoring loop draws them here
 
 
-def _draw_job(gpu: str, names: list[str], base: Path, connectors: dict, out: Path, settings: dict) -> None:
+def _draw_job(gpu: str, names: list[str], base: Path, connectors: dict, out: Path, settings: dict,
+              prompts: dict) -> None:
     from .gpus import pin_gpu
 
     pin_gpu(gpu)
     rows = load_rows(base, connectors, "cuda", torch.float16)
     for name in names:
-        draw_row(name, rows[name], out, base, settings, "cuda", progress=False)
+        draw_row(name, rows[name], prompts, out, base, settings, "cuda", progress=False)
 
 
 def write_ceiling_grids(vae_path: Path, scenes: dict, row_dir: Path) -> None:

@@ -64,21 +64,6 @@ def data_parallel(module: torch.nn.Module, world: int, device: torch.device) -> 
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def past(deadline: float | None, world: int) -> bool:
-    """Past ``deadline`` (``time.monotonic``)? The same answer in every process, so all stop at one step."""
-    import time
-
-    if deadline is None:
-        return False
-    late = time.monotonic() > deadline
-    if world <= 1:
-        return late
-    flag = torch.tensor([float(late)], device=f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
-                        else "cpu")  # nccl reduces GPU tensors, gloo CPU ones (as _entry chose)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()

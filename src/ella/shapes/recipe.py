@@ -299,6 +299,7 @@ def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    from ..train.train import out_of_time
     from . import gpus
 
     device = gpus.device_for(r.device, rank)
@@ -330,7 +331,7 @@ def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -
     deadline = time.monotonic() + (r.stop_at - time.time()) if r.stop_at else None
     training = {"steps": 0, "max_steps": r.base_steps, "batch": r.base_batch, "stopped_by": "steps"}
     for step in range(1, r.base_steps + 1):
-        if step % 25 == 0 and gpus.past(deadline, world):
+        if step % 25 == 0 and out_of_time(deadline):  # every 25 steps: the check syncs the GPUs
             training["stopped_by"] = "time"
             break
         training["steps"] = step

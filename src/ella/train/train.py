@@ -195,7 +195,7 @@ def main(cfg: TrainConfig) -> Path:
                                 data_wait=f"{logs['data_wait_fraction']:.0%}")
                 window_start, window_samples, data_wait[0] = time.perf_counter(), 0, 0.0
             done = progress.global_step >= cfg.max_train_steps
-            if not done and out_of_time(deadline, accelerator):
+            if not done and out_of_time(deadline):
                 done, stopped_by = True, "time"
                 accelerator.print(f"--max_train_minutes {cfg.max_train_minutes} reached: stopping at step "
                                   f"{progress.global_step} of {cfg.max_train_steps} (resume to go on)")
@@ -282,15 +282,20 @@ def timed(batches, clock: list[float]):
         yield batch
 
 
-def out_of_time(deadline: float | None, accelerator) -> bool:
-    """Past the deadline? Every process gets the same answer (the latest clock decides), so all stop together."""
+def out_of_time(deadline: float | None) -> bool:
+    """Past ``deadline`` (``time.monotonic``)? Under torch.distributed every process gets the same answer (if
+    any is late, all are), so all stop at the same step — the trainer's processes and the shapes recipe's alike."""
+    import torch.distributed as dist
+
     if deadline is None:
         return False
     late = time.monotonic() > deadline
-    if accelerator.num_processes == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return late
-    flag = torch.tensor([float(late)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([float(late)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def noise_seed(seed: int, process: int, micro_step: int) -> int:
