@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..errors import EllaError
 from ..loading import atomic_dir, atomic_path
 from . import models as M
-from .gpus import run_on_gpus
+from . import gpus
 
 VARIANTS = ("tsc", "resampler", "mlp")
 
@@ -178,13 +178,11 @@ class VaeLoss(torch.nn.Module):
 def train_vae(r: Recipe) -> Path:
     path = r.root / "vae"
     if not (path / "config.json").is_file():
-        run_on_gpus(_train_vae, r.processes, r)
+        gpus.run_on_gpus(_train_vae, r.processes, r)
     return path
 
 
 def _train_vae(rank: int, world: int, r: Recipe) -> None:
-    from . import gpus
-
     device = gpus.device_for(r.device, rank)
     images = load_world_images(r, rank, world).to(device)
     vae = M.new_vae(r.seed).to(device).train()
@@ -291,7 +289,7 @@ def train_base(r: Recipe, cache: Path, vae_path: Path) -> Path:
     """The frozen base: UNet on cached latents, conditioned on the weak encoder (first 20 tokens only)."""
     path = r.root / "base"
     if not (path / "model_index.json").is_file():
-        run_on_gpus(_train_base, r.processes, r, cache, vae_path)
+        gpus.run_on_gpus(_train_base, r.processes, r, cache, vae_path)
     return path
 
 
@@ -300,8 +298,6 @@ def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -
     from diffusers.training_utils import EMAModel
 
     from ..train.train import out_of_time
-    from . import gpus
-
     device = gpus.device_for(r.device, rank)
     latents, captions = cached_latents_and_captions(cache)
     latents = latents.to(device)
@@ -379,9 +375,7 @@ def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
         return out
     import multiprocessing
 
-    from .gpus import gpu_ids
-
-    ids = gpu_ids()[: r.processes]
+    ids = gpus.gpu_ids()[: r.processes]
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
     jobs = [ctx.Process(target=_variant_job, args=(asdict(r), v, str(cache), str(base),
                                                    ids[i % len(ids)] if len(ids) > 1 else None, len(todo)))
@@ -401,9 +395,7 @@ def _variant_job(recipe: dict, variant: str, cache: str, base: str, gpu: str | N
     import os
     import sys
 
-    from .gpus import pin_gpu
-
-    pin_gpu(gpu)  # first: before anything in this process touches CUDA
+    gpus.pin_gpu(gpu)  # first: before anything in this process touches CUDA
     r = Recipe(**{**recipe, "variants": tuple(recipe["variants"])})
     with open(r.root / f"connector-{variant}.log", "a") as f:
         os.dup2(f.fileno(), 1)
@@ -485,11 +477,10 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
     if until == "connectors":
         return finish()
     from .evaluate import evaluate
-    from .gpus import gpu_ids
 
     result["scores"] = evaluate(base, connectors, r.root / "eval", n_items=r.eval_items, seed=r.seed,
                                 steps=r.eval_steps, guidance=r.eval_guidance, device=r.device,
-                                progress=r.device != "cpu", gpus=gpu_ids()[: r.processes])
+                                progress=r.device != "cpu", gpus=gpus.gpu_ids()[: r.processes])
     lap("eval")
     return finish()
 
