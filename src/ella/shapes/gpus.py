@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -33,15 +34,40 @@ def run_on_gpus(fn: Callable, processes: int, *args) -> None:
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    # Served by rank 0; waits up to 30 min (processes may finish their loops far apart).
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(minutes=30))
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+    finished = False
     try:
         fn(rank, world, *args)
+        finished = True
     finally:
+        _leave_together(store, rank, world, finished)
         dist.destroy_process_group()
+
+
+def _leave_together(store, rank: int, world: int, finished: bool) -> None:
+    """Tear down only once every process is past its last collective.
+
+    A process that closes its connections while a peer is still completing the last collective can
+    make gloo abort that peer (seen in CI: SIGABRT, "terminate called without an active exception").
+    So each process checks in through the store (not a collective); finished ones wait for all. A
+    failed one checks in and leaves at once, so its error is the one reported and nobody waits on it.
+    Rank 0 serves the store, so it leaves last, once the others have seen everyone check in.
+    """
+    if store.add("checked-in", 1) == world:
+        store.set("all-checked-in", "1")
+    if not finished:
+        return
+    store.wait(["all-checked-in"])
+    if rank == 0:
+        if world > 1:
+            store.wait(["all-left"])
+    elif store.add("left", 1) == world - 1:
+        store.set("all-left", "1")
 
 
 def _free_port() -> int:
