@@ -84,11 +84,11 @@ def eval_loss(cfg: TrainConfig, connector_path: Path | None, folder: Path) -> fl
                  else make_connector(cfg, dims))
     unet, vae, llm, tok, sched = load_frozen(cfg, torch.float32, "cpu", need_vae=True, need_llm=True)
     data = open_dataset(str(folder), Augment(resolution=cfg.resolution, center_crop=True, caption_dropout=0.0))
-    batch = collate([data[i] for i in range(len(data))])
+    batch = train_mod.TokenizingCollate(tok, cfg)([data[i] for i in range(len(data))])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         latents = train_mod.batch_latents(batch, vae, "cpu").repeat(8, 1, 1, 1)
-        feats, mask = train_mod.batch_features(batch, llm, tok, cfg, "cpu")
+        feats, mask = train_mod.batch_features(batch, llm, cfg, "cpu")
         return train_mod.diffusion_loss(connector, unet, sched, latents, feats.repeat(8, 1, 1), mask, dims=dims,
                                         generator=g).item()
 
@@ -193,12 +193,13 @@ def test_compiled_mlp_runs_pad_text_to_max_length_and_the_loss_is_unchanged(tiny
     connector = make_connector(plain, dims)
     unet, vae, llm, tok, sched = load_frozen(plain, torch.float32, "cpu", need_vae=True, need_llm=True)
     data = open_dataset(str(folder), Augment(resolution=plain.resolution, center_crop=True, caption_dropout=0.0))
-    batch = collate([data[i] for i in range(4)])
-    batch["captions"][1] = "a much longer caption about a red square that sits on the left of the picture"
-    latents = train_mod.batch_latents(batch, vae, "cpu")
+    samples = [data[i] for i in range(4)]
+    samples[1]["caption"] = "a much longer caption about a red square that sits on the left of the picture"
+    latents = train_mod.batch_latents(collate(samples), vae, "cpu")
     losses = []
     for cfg in (plain, padded):
-        feats, mask = train_mod.batch_features(batch, llm, tok, cfg, "cpu")
+        batch = train_mod.TokenizingCollate(tok, cfg)(samples)
+        feats, mask = train_mod.batch_features(batch, llm, cfg, "cpu")
         losses.append(train_mod.diffusion_loss(connector, unet, sched, latents, feats, mask, dims=dims,
                                                generator=torch.Generator().manual_seed(1)))
         if cfg is padded:
@@ -206,6 +207,57 @@ def test_compiled_mlp_runs_pad_text_to_max_length_and_the_loss_is_unchanged(tiny
         else:
             assert feats.shape[1] < 48  # as long as the longest caption
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["tsc", "mlp"])
+def test_features_from_loader_workers_equal_the_inference_encoding(tiny_sd, tiny_t5, folder, tmp_path, variant):
+    """Training tokenizes in the DataLoader's worker processes; the features it feeds the connector must
+    be the ones inference makes from the same captions (fixed: 16 tokens, flexible: padded + mask)."""
+    from ella.text import encode_text
+    from ella.train.data import Augment, open_dataset
+    from ella.train.models import load_frozen
+
+    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", connector_variant=variant, llm_max_length=16)
+    _, _, llm, tok, _ = load_frozen(cfg, torch.float32, "cpu", need_vae=False, need_llm=True)
+    data = open_dataset(str(folder), Augment(resolution=cfg.resolution, center_crop=True, caption_dropout=0.5))
+    data.set_epoch(0)
+    loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=train_mod.TokenizingCollate(tok, cfg),
+                                         num_workers=2)
+    batches = list(loader)
+    assert sum(len(b["captions"]) for b in batches) == len(data) and any("" in b["captions"] for b in batches)
+    for batch in batches:
+        feats, mask = train_mod.batch_features(batch, llm, cfg, "cpu")
+        ref = encode_text(llm, tok, batch["captions"], max_length=16, flexible=variant == "mlp")
+        torch.testing.assert_close(feats, ref.hidden_states, rtol=0, atol=0)
+        if variant == "mlp":
+            assert torch.equal(mask, ref.attention_mask) and feats.shape[1] < 16
+        else:
+            assert mask is None and feats.shape[1] == 16
+
+
+def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path, monkeypatch):
+    """8 samples in batches of 3: a compiled UNet (static shapes) must never get the short third batch, which
+    would compile it again; uncompiled runs keep every sample."""
+    sizes = []
+
+    class Recorder:  # stands in for the compiled module: records batch sizes, runs the real one
+        def __init__(self, module):
+            self.module, self.dtype = module, module.dtype
+
+        def __call__(self, sample, *args, **kwargs):
+            sizes.append(sample.shape[0])
+            return self.module(sample, *args, **kwargs)
+
+    def fake_compile(module, **kwargs):
+        assert kwargs.get("dynamic") is False
+        return Recorder(module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "c", train_batch_size=3, max_train_steps=5,
+                               checkpointing_steps=5, torch_compile=True))
+    assert sizes == [3] * 5
+    seen = json.loads((tmp_path / "c" / "training.json").read_text())["samples_seen"]
+    assert seen == 15
 
 
 def test_corrupt_samples_are_skipped_and_counted(tiny_sd, tiny_t5, tmp_path):

@@ -29,6 +29,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .data import collate
 from .models import Dims, encode_latents, load_frozen, make_connector, read_dims
 
 
@@ -39,7 +40,7 @@ def main(cfg: TrainConfig) -> Path:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from .data import Augment, collate, open_dataset
+    from .data import Augment, open_dataset
 
     cfg.validate()
     output_dir = check_output_dir(cfg.output_dir)
@@ -54,7 +55,8 @@ def main(cfg: TrainConfig) -> Path:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # non_blocking: pinned batches go to the GPU without waiting for the steps queued before them
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
     )
     set_seed(cfg.seed)  # the connector's initial weights (latents, projections) come from the global RNG
     device = accelerator.device
@@ -96,8 +98,8 @@ def main(cfg: TrainConfig) -> Path:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     # On an H100 compile gives 1.27x (benchmarks/RESULTS.md); channels_last did not help the compiled UNet.
-    # Static shapes: an epoch's short last batch compiles once more, where dynamic shapes would recompile
-    # everything (and crashed inductor's GroupNorm backward on the shapes world's UNet).
+    # Static shapes (dynamic ones crashed inductor's GroupNorm backward on the shapes world's UNet); so the
+    # loader drops an epoch's short last batch when compiling, which would compile everything once more.
     unet_forward = torch.compile(unet, dynamic=False) if cfg.torch_compile else unet
 
     # ---- Optimizer (AdamW, paper: constant lr, weight decay 0.01), lr schedule, EMA
@@ -123,10 +125,13 @@ def main(cfg: TrainConfig) -> Path:
         dataset,
         batch_size=cfg.train_batch_size,
         shuffle=not isinstance(dataset, torch.utils.data.IterableDataset),
-        collate_fn=collate,
+        collate_fn=collate if tokenizer is None else TokenizingCollate(tokenizer, cfg),
         num_workers=cfg.dataloader_num_workers,
         pin_memory=device.type == "cuda",
-        drop_last=False,
+        # A short last batch would make the compiled UNet compile again (static shapes): over a minute on
+        # an H100 host with three runs compiling at once, which stalled a time-limited run past its deadline.
+        drop_last=cfg.torch_compile and not isinstance(dataset, torch.utils.data.IterableDataset)
+        and len(dataset) >= cfg.train_batch_size * accelerator.num_processes,
     )
     connector, optimizer, lr_scheduler = accelerator.prepare(connector, optimizer, lr_scheduler)
     if not isinstance(dataset, torch.utils.data.IterableDataset):
@@ -165,7 +170,7 @@ def main(cfg: TrainConfig) -> Path:
             generator.manual_seed(noise_seed(cfg.seed, accelerator.process_index, progress.micro_steps))
             with accelerator.accumulate(connector):
                 latents = batch_latents(batch, vae, device)
-                features, mask = batch_features(batch, llm, tokenizer, cfg, device)
+                features, mask = batch_features(batch, llm, cfg, device)
                 loss = diffusion_loss(connector, unet_forward, noise_scheduler, latents, features, mask, dims=dims,
                                       time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
                                       generator=generator, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
@@ -309,16 +314,17 @@ def batch_latents(batch: dict, vae, device) -> torch.Tensor:
     return encode_latents(vae, batch["pixel_values"])
 
 
-def batch_features(batch: dict, llm, tokenizer, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LLM features of the captions (already "" where dropped): cached, or computed now with the frozen LLM."""
-    from ..text import encode_text
+    from ..text import Tokens, encode_tokens, warn_truncated
 
     if "features" in batch:
         mask = batch["feature_mask"].to(device)
         return batch["features"].to(device), mask if cfg.connector_variant == "mlp" else None
     flexible = cfg.connector_variant == "mlp"
-    out = encode_text(llm, tokenizer, batch["captions"], max_length=cfg.llm_max_length, flexible=flexible,
-                      hidden_layer=cfg.llm_hidden_layer)
+    tokens = Tokens(batch["input_ids"], batch["attention_mask"], batch["token_lengths"])
+    warn_truncated(batch["captions"], tokens, cfg.llm_max_length)
+    out = encode_tokens(llm, tokens, flexible=flexible, hidden_layer=cfg.llm_hidden_layer)
     states, mask = out.hidden_states, out.attention_mask
     if flexible and cfg.torch_compile:
         # The MLP's tokens follow the text, so its batches are as long as their longest caption; a compiled
@@ -326,6 +332,23 @@ def batch_features(batch: dict, llm, tokenizer, cfg: TrainConfig, device) -> tup
         extra = cfg.llm_max_length - states.shape[1]
         states, mask = F.pad(states, (0, 0, 0, extra)), F.pad(mask, (0, extra))
     return states, mask
+
+
+class TokenizingCollate:
+    """:func:`collate`, plus the captions' tokens: as the loader's ``collate_fn`` this tokenizes in its
+    worker processes, off the training process, where it stalled the GPU (~0.2 s a step at batch 512)."""
+
+    def __init__(self, tokenizer, cfg: TrainConfig):
+        self.tokenizer, self.max_length, self.flexible = tokenizer, cfg.llm_max_length, cfg.connector_variant == "mlp"
+
+    def __call__(self, samples: list[dict | None]) -> dict:
+        from ..text import tokenize
+
+        batch = collate(samples)
+        if batch["captions"]:
+            tokens = tokenize(self.tokenizer, batch["captions"], max_length=self.max_length, flexible=self.flexible)
+            batch.update(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, token_lengths=tokens.lengths)
+        return batch
 
 
 def time_ids(batch: dict, resolution: int) -> torch.Tensor:
