@@ -13,10 +13,13 @@
 #
 #   A  run(carry=[".whl"]): STOP=520 bash benchmarks/shapes_gpu_job.sh base 575 \
 #          --from-bundle benchmarks/shapes/bundle-vae --until base --base-steps 20000
-#   B  (A's bundle copied to .carry/bundle) run(carry=[".whl", ".carry"]): STOP=530 bash \
-#          benchmarks/shapes_gpu_job.sh conn 580 --from-bundle .carry/bundle --until connectors --connector-steps 50000
-#   C  (B's bundle in .carry/bundle) bash benchmarks/shapes_gpu_job.sh eval 575 --from-bundle .carry/bundle \
-#          --eval-items 100            (trained stages restored: no world or cache is built, only scoring)
+#   B  (A's bundle copied to .carry/bundle) run(carry=[".whl", ".carry"]), once per variant V in tsc, resampler,
+#      mlp: STOP=500 bash benchmarks/shapes_gpu_job.sh conn 560 --from-bundle .carry/bundle --until connectors \
+#          --variants V --connector-steps 50000
+#      (one variant alone trains data-parallel over all 4 GPUs; its bundle = A's + connector-V.safetensors)
+#   C  eval, with A's bundle plus the three connectors in one dir: on this machine's CPU (~50 min for 100
+#      items; base + 3 connectors + the LLM + wheels exceed a call's 64 MiB): ella shapes reproduce \
+#          --out /tmp/shapes-eval --from-bundle DIR --eval-items 100 --device cpu
 #
 # Each was run on this machine's CPU with tiny sizes (--device cpu --n-train 2000 --processes 2 ...)
 # before it went to a GPU. ".carry/" must be in .git/info/exclude.
@@ -85,5 +88,7 @@ done
 [ -f $RUN/eval/results.md ] && cat $RUN/eval/results.md
 [ -d $RUN ] && python3 -c "import sys; from pathlib import Path; from ella.shapes.bundle import write_bundle; \
 print('bundle:', [p.name for p in write_bundle(Path(sys.argv[1]), Path(sys.argv[2]))])" $RUN "$OUT/bundle"
-cat /tmp/shapes-job-*/log > "$OUT/recipe.log" 2>/dev/null
+for f in /tmp/shapes-job-*/log $RUN/connector-*.log; do  # every log, whole (tqdm's \r updates as lines)
+  [ -f "$f" ] && { echo "=== $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$'; }
+done > "$OUT/logs.txt" 2>/dev/null
 exit 0

@@ -34,6 +34,17 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
         assert json.loads((out / f"connector-{variant}" / "training.json").read_text())["steps"] == 2
     assert json.loads((out / "base" / "training.json").read_text()) == {
         "steps": 3, "max_steps": 3, "batch": 4, "stopped_by": "steps", "samples": 12}
+    # one variant on several processes: the trainer under torchrun (gloo here), connector_batch split over them
+    from dataclasses import replace
+
+    from ella.shapes.recipe import Recipe, train_variant
+
+    ddp = replace(Recipe.smoke(str(tmp_path / "ddp")), processes=2, variants=("tsc",))
+    ddp.root.mkdir()
+    run = train_variant(ddp, "tsc", out / "cache", out / "base")
+    ranks = [json.loads(p.read_text()) for p in sorted(run.glob("checkpoint-*/progress-rank*.json"))]
+    assert [(r["global_step"], r["samples_seen"]) for r in ranks] == [(2, 4), (2, 4)]  # 2 steps x batch 4/2
+    assert (run / "ella.safetensors").is_file() and "data-parallel over 2" in capsys.readouterr().out
     unet = out / "base" / "unet" / "diffusion_pytorch_model.safetensors"
     before = digest(unet)
     # a second run skips every finished stage (no retraining: the base's weights are untouched) and rescores

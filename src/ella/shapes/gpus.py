@@ -27,7 +27,7 @@ def run_on_gpus(fn: Callable, processes: int, *args) -> None:
     if processes <= 1:
         fn(0, 1, *args)
         return
-    torch.multiprocessing.start_processes(_entry, args=(processes, _free_port(), fn, args), nprocs=processes,
+    torch.multiprocessing.start_processes(_entry, args=(processes, free_port(), fn, args), nprocs=processes,
                                           start_method="spawn")
 
 
@@ -70,7 +70,7 @@ def _leave_together(store, rank: int, world: int, finished: bool) -> None:
         store.set("all-left", "1")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -80,7 +80,7 @@ class Recipe:
         """Fail before any work on values that can't run."""
         if self.processes < 1:
             raise EllaError(f"processes must be >= 1, got {self.processes}")
-        for name in ("vae_batch", "base_batch"):
+        for name in ("vae_batch", "base_batch", "connector_batch"):
             if getattr(self, name) % self.processes:
                 raise EllaError(f"{name}={getattr(self, name)} is the global batch and must divide evenly over "
                                 f"{self.processes} processes (one per GPU); pick a multiple of {self.processes}")
@@ -406,26 +406,52 @@ def _variant_job(recipe: dict, variant: str, cache: str, base: str, gpu: str | N
 
 
 def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side: int = 1) -> Path:
+    """One variant with the issue-4 trainer: in this process, or — one variant at a time on several GPUs
+    (``processes > 1``, ``side_by_side == 1``) — data-parallel under ``torchrun``, with ``connector_batch``
+    split over the GPUs. A lent machine's call then gives one variant all its GPUs, and the carried bundle
+    holds one connector instead of three."""
+    import os
+
     from ..train.config import build_config
     from ..train.train import main as train
 
     run = r.root / f"connector-{variant}"
     init = r.root / f"init-{variant}.safetensors"
     M.new_connector(variant, seed=r.seed).save_single_file(init)
-    import os
-
-    workers = 0 if r.device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // side_by_side - 1))
-    cfg = build_config(dict(
+    ddp = r.processes > 1 and side_by_side == 1
+    per_gpu = side_by_side * (r.processes if ddp else 1)
+    workers = 0 if r.device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // per_gpu - 1))
+    values = dict(
         pretrained_model_name_or_path=str(base), llm_name_or_path=str(M.minilm_path()), train_data_dir=str(cache),
         init_connector=str(init), connector_variant=variant, output_dir=str(run), resolution=M.RESOLUTION,
-        llm_max_length=M.LLM_MAX_LENGTH, train_batch_size=r.connector_batch, max_train_steps=r.connector_steps,
-        learning_rate=r.connector_lr, checkpointing_steps=max(1, r.connector_steps // 4), checkpoints_total_limit=1,
+        llm_max_length=M.LLM_MAX_LENGTH, train_batch_size=r.connector_batch // (r.processes if ddp else 1),
+        max_train_steps=r.connector_steps, learning_rate=r.connector_lr,
+        checkpointing_steps=max(1, r.connector_steps // 4), checkpoints_total_limit=1,
         resume_from_checkpoint="latest", dataloader_num_workers=workers,
         report_to="none" if r.device == "cpu" else "tensorboard", seed=r.seed, logging_steps=r.log_every,
         torch_compile=r.compile, max_train_minutes=max(0.05, (r.stop_at - time.time()) / 60) if r.stop_at else None,
-    ))
-    log(f"connector {variant}: {M.param_count(M.new_connector(variant)) / 1e6:.2f}M parameters")
-    train(cfg)
+    )
+    cfg = build_config(values)  # bad values fail here, in this process
+    log(f"connector {variant}: {M.param_count(M.new_connector(variant)) / 1e6:.2f}M parameters"
+        + (f", data-parallel over {r.processes} processes" if ddp else ""))
+    if not ddp:
+        train(cfg)
+        return run
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = r.root / f"connector-{variant}.yaml"
+    with atomic_path(config) as tmp:
+        tmp.write_text(yaml.safe_dump(values))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(r.processes),
+           "--master_port", str(gpus.free_port()), "-m", "ella.cli", "train", "--config", str(config)]
+    with open(r.root / f"connector-{variant}.log", "a") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise EllaError(f"connector training failed for {variant}; see {r.root}/connector-{variant}.log "
+                        "(rerun the same command to resume from the last checkpoint)")
     return run
 
 

@@ -121,6 +121,10 @@ def main(cfg: TrainConfig) -> Path:
 
         ema = EMAModel(connector.parameters(), decay=cfg.ema_decay)
 
+    if cfg.dataloader_num_workers > 0 and tokenizer is not None:
+        # Every worker tokenizes whole batches; a thread pool in each (the tokenizers default: one thread per
+        # core) would oversubscribe the CPU several times over, three variants x 8 workers on one host.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.train_batch_size,
