@@ -13,9 +13,10 @@
 #
 #   A  run(carry=[".whl"]): STOP=520 bash benchmarks/shapes_gpu_job.sh base 575 \
 #          --from-bundle benchmarks/shapes/bundle-vae --until base --base-steps 20000
-#   B  (A's bundle copied to .carry/bundle) run(carry=[".whl", ".carry"]), once per variant V in tsc, resampler,
-#      mlp: STOP=500 bash benchmarks/shapes_gpu_job.sh conn 560 --from-bundle .carry/bundle --until connectors \
-#          --variants V --connector-steps 50000
+#      (done 2026-11-27: its bundle, VAE + base, is committed as benchmarks/shapes/bundle-base/)
+#   B  run(carry=[".whl"]), once per variant V in tsc, resampler, mlp (a fresh machine each time):
+#          STOP=500 bash benchmarks/shapes_gpu_job.sh conn 560 --from-bundle benchmarks/shapes/bundle-base \
+#          --until connectors --variants V --connector-steps 50000
 #      (one variant alone trains data-parallel over all 4 GPUs; its bundle = A's + connector-V.safetensors)
 #   C  eval, with A's bundle plus the three connectors in one dir: on this machine's CPU (~50 min for 100
 #      items; base + 3 connectors + the LLM + wheels exceed a call's 64 MiB): ella shapes reproduce \
