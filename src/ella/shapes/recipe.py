@@ -11,9 +11,10 @@
 A stage whose output exists is skipped, so a run cut off (e.g. by a GPU-time limit) resumes with the
 same command. On a machine with several GPUs (``processes``, default: all of them) the VAE and base
 loops run data-parallel, one process per GPU (``gpus.py``), several connector variants train one per
-GPU (one variant alone: data-parallel over all of them), and the eval rows are drawn side by side; batch sizes are global, so the values mean the same
-on one GPU or four. Values are plain dataclass fields (nanoGPT style); ``smoke=True`` shrinks everything
-so the whole recipe runs in seconds on a CPU (the test suite does that).
+GPU (one variant alone: data-parallel over all of them), and the eval rows are drawn side by side;
+batch sizes are global, so the values mean the same on one GPU or four. Values are plain dataclass
+fields (nanoGPT style); ``smoke=True`` shrinks everything so the whole recipe runs in seconds on a CPU
+(the test suite does that).
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ class TrainConfig:
     train_batch_size: int = 16  # per device
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 10000
-    # Stop early (checkpoint + export, as at the last step) once this many minutes of training have passed:
-    # for machines lent for a fixed time. Rerunning with --resume_from_checkpoint latest continues.
+    # Stop early (checkpoint + export, as at the last step) once this many minutes have passed since the run
+    # began, loading and compiling included: for machines lent for a fixed time. Rerunning with
+    # --resume_from_checkpoint latest continues.
     max_train_minutes: float | None = None
     learning_rate: float = 1e-4  # paper: 1e-4 for SD1.5, 1e-5 for SDXL
     lr_scheduler: str = "constant"  # paper: constant; any diffusers.optimization scheduler name

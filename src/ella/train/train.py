@@ -35,6 +35,7 @@ from .models import Dims, encode_latents, load_frozen, make_connector, read_dims
 
 def main(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output directory holding ``ella.safetensors``."""
+    started = time.monotonic()  # --max_train_minutes counts from here: loading and compiling use the machine's time too
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -160,7 +161,7 @@ def main(cfg: TrainConfig) -> Path:
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     generator = torch.Generator(device=device)
     window_start, window_samples, data_wait = time.perf_counter(), 0, [0.0]
-    deadline = time.monotonic() + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
+    deadline = started + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
     stopped_by = "steps"
     while progress.global_step < cfg.max_train_steps and stopped_by == "steps":
         start_epoch(loader, dataset, progress.epoch)
