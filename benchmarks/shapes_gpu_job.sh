@@ -18,9 +18,14 @@
 #          STOP=500 bash benchmarks/shapes_gpu_job.sh conn 560 --from-bundle benchmarks/shapes/bundle-base \
 #          --until connectors --variants V --connector-steps 50000
 #      (one variant alone trains data-parallel over all 4 GPUs; its bundle = A's + connector-V.safetensors)
-#   C  eval, with A's bundle plus the three connectors in one dir: on this machine's CPU (~50 min for 100
-#      items; base + 3 connectors + the LLM + wheels exceed a call's 64 MiB): ella shapes reproduce \
-#          --out /tmp/shapes-eval --from-bundle DIR --eval-items 100 --device cpu
+#   C  eval on this machine's CPU (base + 3 connectors + the LLM + wheels exceed a call's 64 MiB), one row as
+#      each connector comes back, all into the same --out (rows already scored are kept; ~15 min a row for 100
+#      items): ella shapes reproduce --out /tmp/shapes-eval --from-bundle DIR_V --variants V --eval-items 100 \
+#          --device cpu
+#      The ceiling and base rows of bundle-base are in benchmarks/shapes/results.json: seed them first with
+#      mkdir -p /tmp/shapes-eval/eval && python3 -c "import json; d = json.load(open('benchmarks/shapes/results.json'));
+#      d['rows'] = {k: v for k, v in d['rows'].items() if not k.startswith('+')}; json.dump(d,
+#      open('/tmp/shapes-eval/eval/results.json', 'w'))"
 #
 # Each was run on this machine's CPU with tiny sizes (--device cpu --n-train 2000 --processes 2 ...)
 # before it went to a GPU. ".carry/" must be in .git/info/exclude.
