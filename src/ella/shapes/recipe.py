@@ -387,9 +387,14 @@ def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
         job.join()
     failed = [v for v, job in zip(todo, jobs) if job.exitcode != 0]
     if failed:
-        raise EllaError(f"connector training failed for {', '.join(failed)}; see {r.root}/connector-<variant>.log "
-                        "(rerun the same command to resume from the last checkpoint)")
+        raise training_failed(r, failed)
     return out
+
+
+def training_failed(r: Recipe, variants: list[str]) -> EllaError:
+    logs = ", ".join(f"{r.root}/connector-{v}.log" for v in variants)
+    return EllaError(f"connector training failed for {', '.join(variants)}; see {logs} "
+                     "(rerun the same command to resume from the last checkpoint)")
 
 
 def _variant_job(recipe: dict, variant: str, cache: str, base: str, gpu: str | None, side_by_side: int) -> None:
@@ -418,7 +423,8 @@ def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side
 
     run = r.root / f"connector-{variant}"
     init = r.root / f"init-{variant}.safetensors"
-    M.new_connector(variant, seed=r.seed).save_single_file(init)
+    connector = M.new_connector(variant, seed=r.seed)
+    connector.save_single_file(init)
     ddp = r.processes > 1 and side_by_side == 1
     per_gpu = side_by_side * (r.processes if ddp else 1)
     workers = 0 if r.device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // per_gpu - 1))
@@ -433,7 +439,7 @@ def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side
         torch_compile=r.compile, max_train_minutes=max(0.05, (r.stop_at - time.time()) / 60) if r.stop_at else None,
     )
     cfg = build_config(values)  # bad values fail here, in this process
-    log(f"connector {variant}: {M.param_count(M.new_connector(variant)) / 1e6:.2f}M parameters"
+    log(f"connector {variant}: {M.param_count(connector) / 1e6:.2f}M parameters"
         + (f", data-parallel over {r.processes} processes" if ddp else ""))
     if not ddp:
         train(cfg)
@@ -451,8 +457,7 @@ def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side
     with open(r.root / f"connector-{variant}.log", "a") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
-        raise EllaError(f"connector training failed for {variant}; see {r.root}/connector-{variant}.log "
-                        "(rerun the same command to resume from the last checkpoint)")
+        raise training_failed(r, [variant])
     return run
 
 
