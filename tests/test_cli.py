@@ -51,6 +51,9 @@ def test_generate_writes_pngs_and_reproducible_sidecars(models, tmp_path):
     assert meta["llm_max_length"] == 128 and meta["dtype"] == "float32"
     assert "Traceback" not in first.stderr
     assert not list((tmp_path / "a").glob(".*tmp"))  # atomic writes leave no temporaries
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")  # atomic writes give the modes a plain write gives (mkstemp's are owner-only)
+    assert {p.stat().st_mode & 0o777 for p in pngs} == {plain.stat().st_mode & 0o777}
 
     # The same command again: the same bytes.
     same = run_ella("generate", *args, "--out", str(tmp_path / "b"))

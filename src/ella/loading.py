@@ -43,7 +43,9 @@ FLAGS = {"base model": "--base DIR", "ELLA connector weights": "--ella DIR", "LL
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
-    A crash mid-write then leaves the old file (or nothing), never a truncated one.
+    A crash mid-write then leaves the old file (or nothing), never a truncated one. The result gets
+    the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes owner-only files, which
+    would lock other users out of shared weights and results).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +53,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
