@@ -17,7 +17,9 @@
 #   B  run(carry=[".whl"]), once per variant V in tsc, resampler, mlp (a fresh machine each time):
 #          STOP=500 bash benchmarks/shapes_gpu_job.sh conn 560 --from-bundle benchmarks/shapes/bundle-base \
 #          --until connectors --variants V --connector-steps 50000
-#      (one variant alone trains data-parallel over all 4 GPUs; its bundle = A's + connector-V.safetensors)
+#      (one variant alone trains data-parallel over all 4 GPUs; its bundle = A's + connector-V.safetensors;
+#      done 2026-11-27 with --connector-batch 1024 --connector-lr 6e-4, now the defaults, STOP=500, and for mlp
+#      --connector-steps 5300 to match the TSC's 5,300: benchmarks/RESULTS.md, fourth run)
 #   C  eval on this machine's CPU (base + 3 connectors + the LLM + wheels exceed a call's 64 MiB), one row as
 #      each connector comes back, all into the same --out (rows already scored are kept; ~15 min a row for 100
 #      items): ella shapes reproduce --out /tmp/shapes-eval --from-bundle DIR_V --variants V --eval-items 100 \
