@@ -5,8 +5,8 @@ several GPUs each runs data-parallel: ``run_on_gpus`` spawns one process per GPU
 ``torch.distributed`` group and calls the loop with ``(rank, world)``; ``data_parallel`` wraps the
 model in DDP so gradients are averaged over the GPUs. With one process nothing is spawned and no
 group exists, so a one-GPU or CPU run is exactly the plain loop. (The connector trainer has its own
-multi-GPU path through accelerate and ``torchrun``: the recipe gives several variants a GPU each, or
-one variant all of them.)
+multi-GPU path through accelerate and ``torchrun``: the recipe gives each variant in turn all the GPUs,
+or, with ``parallel_variants``, several variants a GPU each.)
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@
 
 A stage whose output exists is skipped, so a run cut off (e.g. by a GPU-time limit) resumes with the
 same command. On a machine with several GPUs (``processes``, default: all of them) the VAE and base
-loops run data-parallel, one process per GPU (``gpus.py``), several connector variants train one per
-GPU (one variant alone: data-parallel over all of them), and the eval rows are drawn side by side;
-batch sizes are global, so the values mean the same on one GPU or four. Values are plain dataclass
-fields (nanoGPT style); ``smoke=True`` shrinks everything so the whole recipe runs in seconds on a CPU
-(the test suite does that).
+loops run data-parallel, one process per GPU (``gpus.py``), the connector variants train one after
+another, each data-parallel over all of them (or one per GPU with ``parallel_variants``), and the eval
+rows are drawn side by side; batch sizes are global, so the values mean the same on one GPU or four.
+Values are plain dataclass fields (nanoGPT style); ``smoke=True`` shrinks everything so the whole recipe
+runs in seconds on a CPU (the test suite does that).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class Recipe:
     connector_batch: int = 1024  # global when one variant trains over several GPUs, else per variant
     connector_lr: float = 6e-4  # the paper's 1e-4 is for a 67M connector on 34M pairs; this one is small
     variants: tuple[str, ...] = VARIANTS
-    # One process per GPU for the VAE and base loops (data-parallel); the connector variants and the eval
-    # rows go one per GPU too. 1 = everything in this process.
+    # One process per GPU for the VAE and base loops and for each connector variant (data-parallel); the
+    # eval rows go one per GPU. 1 = everything in this process.
     processes: int = max(1, torch.cuda.device_count())
     # Several variants side by side, one process each: on one GPU a 6M connector run alone leaves it idle.
     # With several GPUs one variant after another, data-parallel over all, is faster (measured on 4 H100s:
