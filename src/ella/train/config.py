@@ -84,6 +84,12 @@ class TrainConfig:
     validation_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
 
+    @property
+    def flexible_features(self) -> bool:
+        """The MLP's output has one token per text token, so its LLM features are padded to the longest
+        caption and carry a mask; the attention connectors take fixed-length features without one."""
+        return self.connector_variant == "mlp"
+
     def validate(self) -> None:
         """Reject impossible values up front, with the flag named — before any model is loaded."""
         from ..connector import VARIANTS

@@ -325,8 +325,8 @@ def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Te
 
     if "features" in batch:
         mask = batch["feature_mask"].to(device)
-        return batch["features"].to(device), mask if cfg.connector_variant == "mlp" else None
-    flexible = cfg.connector_variant == "mlp"
+        return batch["features"].to(device), mask if cfg.flexible_features else None
+    flexible = cfg.flexible_features
     tokens = Tokens(batch["input_ids"], batch["attention_mask"], batch["token_lengths"])
     warn_truncated(batch["captions"], tokens, cfg.llm_max_length)
     out = encode_tokens(llm, tokens, flexible=flexible, hidden_layer=cfg.llm_hidden_layer)
@@ -344,7 +344,7 @@ class TokenizingCollate:
     worker processes, off the training process, where it stalled the GPU (~0.2 s a step at batch 512)."""
 
     def __init__(self, tokenizer, cfg: TrainConfig):
-        self.tokenizer, self.max_length, self.flexible = tokenizer, cfg.llm_max_length, cfg.connector_variant == "mlp"
+        self.tokenizer, self.max_length, self.flexible = tokenizer, cfg.llm_max_length, cfg.flexible_features
 
     def __call__(self, samples: list[dict | None]) -> dict:
         from ..text import tokenize

@@ -35,7 +35,7 @@ def validation_images(cfg, connector, unet, vae, llm, tokenizer, noise_scheduler
         vae=vae, text_encoder=None, tokenizer=None, unet=unet,
         scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
         connector=connector.eval(), llm=llm, llm_tokenizer=tokenizer, llm_max_length=cfg.llm_max_length,
-        llm_flexible=cfg.connector_variant == "mlp", llm_hidden_layer=cfg.llm_hidden_layer,
+        llm_flexible=cfg.flexible_features, llm_hidden_layer=cfg.llm_hidden_layer,
     )
     pipe.set_progress_bar_config(disable=True)
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
