@@ -180,17 +180,34 @@ TINY_UNET = dict(
     norm_num_groups=8,
 )
 TINY_VAE = dict(SD15_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64)
-TINY_CLIP = dict(SD15_CLIP, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                 projection_dim=32)
-TINY_T5 = dict(FLAN_T5_XL, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4,
-               relative_attention_num_buckets=8)
+TINY_CLIP = dict(
+    SD15_CLIP, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
+)
+TINY_T5 = dict(
+    FLAN_T5_XL,
+    d_model=16,
+    d_kv=4,
+    d_ff=32,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+)
 TINY_CONNECTOR = {
-    "width": 32, "layers": 2, "heads": 4, "num_latents": 8, "input_dim": 16, "time_channel": 32, "time_embed_dim": 24,
+    "width": 32,
+    "layers": 2,
+    "heads": 4,
+    "num_latents": 8,
+    "input_dim": 16,
+    "time_channel": 32,
+    "time_embed_dim": 24,
 }
 
 PROMPTS = [
-    ("a photo of a red cat sitting on a wooden table next to a blue cup of coffee in a bright kitchen, "
-    "soft morning light, highly detailed"),
+    (
+        "a photo of a red cat sitting on a wooden table next to a blue cup of coffee in a bright kitchen, "
+        "soft morning light, highly detailed"
+    ),
     "an old castle on a mountain above a quiet lake at sunset, dramatic clouds, oil painting, masterpiece",
     "two children riding bicycles down a busy city street in the rain, cinematic lighting, wide angle shot",
     "a cute robot reading a book in a small garden full of yellow flowers, watercolor illustration",
@@ -227,8 +244,13 @@ def clip_like_tokenizer(vocab_size: int):
         single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos,
-        model_max_length=77, padding_side="right",
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        unk_token=eos,
+        model_max_length=77,
+        padding_side="right",
     )
 
 
@@ -248,8 +270,12 @@ def t5_like_tokenizer(vocab_size: int):
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=512, padding_side="right",
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+        padding_side="right",
     )
 
 
@@ -281,8 +307,9 @@ class OfficialProxyUNet(torch.nn.Module):
         return self.unet.device
 
     def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
-        return self.unet(sample, timestep, encoder_hidden_states=self.connector(encoder_hidden_states, timestep),
-                         **kwargs)
+        return self.unet(
+            sample, timestep, encoder_hidden_states=self.connector(encoder_hidden_states, timestep), **kwargs
+        )
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -322,8 +349,14 @@ def param_count(module: torch.nn.Module) -> int:
 def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float32": torch.float32, "fp32": torch.float32}
+    table = {
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
     if name not in table:
         raise SystemExit(f"unknown --dtype {name!r}; use auto or one of {', '.join(table)}")
     return table[name]
@@ -360,7 +393,8 @@ def build_models(args, device: torch.device, dtype: torch.dtype, notes: list[str
     import ella
 
     unet_cfg, vae_cfg, clip_cfg, t5_cfg, conn_cfg = (
-        (TINY_UNET, TINY_VAE, TINY_CLIP, TINY_T5, TINY_CONNECTOR) if args.tiny
+        (TINY_UNET, TINY_VAE, TINY_CLIP, TINY_T5, TINY_CONNECTOR)
+        if args.tiny
         else (SD15_UNET, SD15_VAE, SD15_CLIP, FLAN_T5_XL, CONNECTOR)
     )
     clip_tok = clip_like_tokenizer(clip_cfg["vocab_size"])
@@ -372,8 +406,12 @@ def build_models(args, device: torch.device, dtype: torch.dtype, notes: list[str
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
         clip = CLIPTextModel(
-            CLIPTextConfig(**clip_cfg, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-                           pad_token_id=clip_tok.pad_token_id)
+            CLIPTextConfig(
+                **clip_cfg,
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+            )
         )
         t5 = T5EncoderModel(T5Config(**t5_cfg))
         connector = ella.TimestepAwareSemanticConnector(**conn_cfg)
@@ -396,9 +434,13 @@ def build_models(args, device: torch.device, dtype: torch.dtype, notes: list[str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # from_config: PNDM-only keys (skip_prk_steps, ...) are ignored
         scheduler = DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
-    return dict(models, clip_tok=clip_tok, t5_tok=t5_tok, scheduler=scheduler,
-                configs={"unet": unet_cfg, "vae": vae_cfg, "clip": clip_cfg, "t5": t5_cfg,
-                         "connector": dict(connector.config)})
+    return dict(
+        models,
+        clip_tok=clip_tok,
+        t5_tok=t5_tok,
+        scheduler=scheduler,
+        configs={"unet": unet_cfg, "vae": vae_cfg, "clip": clip_cfg, "t5": t5_cfg, "connector": dict(connector.config)},
+    )
 
 
 def build_runners(m: dict, args):
@@ -408,14 +450,26 @@ def build_runners(m: dict, args):
     import ella
     from ella.text import encode_text
 
-    common = {"vae": m["vae"], "unet": m["unet"], "scheduler": m["scheduler"], "safety_checker": None,
-              "feature_extractor": None, "requires_safety_checker": False}
-    call = {"height": args.size, "width": args.size, "num_inference_steps": args.steps,
-            "guidance_scale": args.guidance, "output_type": "np"}
+    common = {
+        "vae": m["vae"],
+        "unet": m["unet"],
+        "scheduler": m["scheduler"],
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    call = {
+        "height": args.size,
+        "width": args.size,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "output_type": "np",
+    }
 
     plain = StableDiffusionPipeline(text_encoder=m["clip"], tokenizer=m["clip_tok"], **common)
-    ours = ella.EllaStableDiffusionPipeline(text_encoder=None, tokenizer=None, connector=m["connector"],
-                                            llm=m["t5"], llm_tokenizer=m["t5_tok"], **common)
+    ours = ella.EllaStableDiffusionPipeline(
+        text_encoder=None, tokenizer=None, connector=m["connector"], llm=m["t5"], llm_tokenizer=m["t5_tok"], **common
+    )
     official = StableDiffusionPipeline(text_encoder=None, tokenizer=None, **common)
     official.unet = OfficialProxyUNet(m["connector"], m["unet"])  # as the release's inference.py does
     for p in (plain, ours, official):
@@ -484,22 +538,27 @@ def time_components(models: dict, args, device: torch.device) -> list[dict]:
             texts = [PROMPTS[j % len(PROMPTS)] for j in range(batch)] + [""]
             feats = encode_text(t5, tok, texts)
             cfg_rows = feats.hidden_states[[batch] * batch + list(range(batch))]  # [negatives; positives]
-            latents = torch.randn(2 * batch, unet.config.in_channels, args.size // 8, args.size // 8,
-                                  device=device, dtype=unet.dtype)
+            latents = torch.randn(
+                2 * batch, unet.config.in_channels, args.size // 8, args.size // 8, device=device, dtype=unet.dtype
+            )
             cond = connector(cfg_rows, timesteps[0])
             unet_step = bench(unet, latents, timesteps[0], cond)
-            rows.append({
-                "batch": batch,
-                "t5_encode_s": bench(encode_text, t5, tok, texts),
-                "condition_table_s": bench(table, feats),
-                "connector_every_step_s": bench(every_step, cfg_rows),
-                "unet_step_s": unet_step,
-                "unet_all_steps_s": unet_step * len(timesteps),
-            })
+            rows.append(
+                {
+                    "batch": batch,
+                    "t5_encode_s": bench(encode_text, t5, tok, texts),
+                    "condition_table_s": bench(table, feats),
+                    "connector_every_step_s": bench(every_step, cfg_rows),
+                    "unet_step_s": unet_step,
+                    "unet_all_steps_s": unet_step * len(timesteps),
+                }
+            )
             r = rows[-1]
-            log(f"components batch {batch}: T5 {r['t5_encode_s'] * 1e3:.1f} ms | table "
+            log(
+                f"components batch {batch}: T5 {r['t5_encode_s'] * 1e3:.1f} ms | table "
                 f"{r['condition_table_s'] * 1e3:.1f} ms | connector x{len(timesteps)} "
-                f"{r['connector_every_step_s'] * 1e3:.1f} ms | UNet step {unet_step * 1e3:.1f} ms")
+                f"{r['connector_every_step_s'] * 1e3:.1f} ms | UNet step {unet_step * 1e3:.1f} ms"
+            )
     return rows
 
 
@@ -542,9 +601,15 @@ def measure(models: dict, runners: dict, args, device: torch.device, notes: list
                 row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
             row["finite"] = finite
             rows[name, batch] = row
-            log(f"{name:8s} batch {batch}: warmup {', '.join(f'{w:.2f}' for w in warm)} s"
-                + (f" | peak {row['peak_bytes'] / 1e9:.2f} GB | GPU busy {row['gpu_busy_s']:.3f} s of "
-                   f"{row['profiled_wall_s']:.2f} s (profiled) | {row['gpu_ops']} GPU ops" if cuda else ""))
+            log(
+                f"{name:8s} batch {batch}: warmup {', '.join(f'{w:.2f}' for w in warm)} s"
+                + (
+                    f" | peak {row['peak_bytes'] / 1e9:.2f} GB | GPU busy {row['gpu_busy_s']:.3f} s of "
+                    f"{row['profiled_wall_s']:.2f} s (profiled) | {row['gpu_ops']} GPU ops"
+                    if cuda
+                    else ""
+                )
+            )
 
     resident = sorted({m for name in args.configs for m in runners[name][1]})
     place(models, tuple(resident), device)
@@ -559,23 +624,33 @@ def measure(models: dict, runners: dict, args, device: torch.device, notes: list
     for batch in args.batches:
         prompts = [PROMPTS[j % len(PROMPTS)] for j in range(batch)]
         for name in args.configs:  # re-warm after the moves between CPU and GPU
-            rows[name, batch]["warmup_s"].append(timed_call(runners[name][0], prompts, device,
-                                                            rows[name, batch]["finite"]))
+            rows[name, batch]["warmup_s"].append(
+                timed_call(runners[name][0], prompts, device, rows[name, batch]["finite"])
+            )
         for rep in range(repeats):
-            order = args.configs[rep % len(args.configs):] + args.configs[:rep % len(args.configs)]
+            order = args.configs[rep % len(args.configs) :] + args.configs[: rep % len(args.configs)]
             for name in order:
                 rows[name, batch].setdefault("times_s", []).append(
-                    timed_call(runners[name][0], prompts, device, rows[name, batch]["finite"]))
+                    timed_call(runners[name][0], prompts, device, rows[name, batch]["finite"])
+                )
 
     results = []
     for (name, batch), row in rows.items():
         times = row["times_s"]
         med = statistics.median(times)
-        row.update(repeats=len(times), median_s_per_call=med, s_per_image=med / batch,
-                   min_s_per_call=min(times), max_s_per_call=max(times), all_finite=all(row.pop("finite")))
+        row.update(
+            repeats=len(times),
+            median_s_per_call=med,
+            s_per_image=med / batch,
+            min_s_per_call=min(times),
+            max_s_per_call=max(times),
+            all_finite=all(row.pop("finite")),
+        )
         results.append(row)
-        log(f"{name:8s} batch {batch}: timed {', '.join(f'{t:.2f}' for t in times)} s | {med / batch:.3f} s/image"
-            + ("" if row["all_finite"] else " | NON-FINITE images"))
+        log(
+            f"{name:8s} batch {batch}: timed {', '.join(f'{t:.2f}' for t in times)} s | {med / batch:.3f} s/image"
+            + ("" if row["all_finite"] else " | NON-FINITE images")
+        )
     return results
 
 
@@ -583,8 +658,9 @@ def measure(models: dict, runners: dict, args, device: torch.device, notes: list
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batches", default="1,4", help="comma-separated batch sizes (number of prompts)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per (config, batch), interleaved")
@@ -596,10 +672,17 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="plain,ours,official")
     p.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
     p.add_argument("--tf32", action="store_true", help="set torch.backends.cuda.matmul.allow_tf32=True")
-    p.add_argument("--no-components", action="store_true",
-                   help="skip the per-component timings (T5, condition table, per-step connector, UNet step)")
-    p.add_argument("--budget-s", type=float, default=400.0,
-                   help="wall-clock budget from start; repeats are reduced (to >= 1) to stay inside it")
+    p.add_argument(
+        "--no-components",
+        action="store_true",
+        help="skip the per-component timings (T5, condition table, per-step connector, UNet step)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=400.0,
+        help="wall-clock budget from start; repeats are reduced (to >= 1) to stay inside it",
+    )
     p.add_argument("--out", default=os.environ.get("OUT") or "bench-out", help="output directory (default $OUT)")
     args = p.parse_args(argv)
     args.size = args.size or (64 if args.tiny else 512)
@@ -646,19 +729,33 @@ def main(argv=None) -> int:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cpu_threads": torch.get_num_threads(),
     }
-    settings = {k: getattr(args, k) for k in ("steps", "batches", "repeats", "warmup", "size", "guidance",
-                                              "configs", "tiny", "budget_s")}
-    settings.update(dtype=str(dtype).replace("torch.", ""), seed=SEED, scheduler="DPMSolverMultistepScheduler",
-                    t5_max_length=128, t5_mode="fixed", output_type="np")
-    log(f"{env['device_name']} | torch {env['torch']} | diffusers {env['diffusers']} | "
-        f"transformers {env['transformers']} | {settings}")
+    settings = {
+        k: getattr(args, k)
+        for k in ("steps", "batches", "repeats", "warmup", "size", "guidance", "configs", "tiny", "budget_s")
+    }
+    settings.update(
+        dtype=str(dtype).replace("torch.", ""),
+        seed=SEED,
+        scheduler="DPMSolverMultistepScheduler",
+        t5_max_length=128,
+        t5_mode="fixed",
+        output_type="np",
+    )
+    log(
+        f"{env['device_name']} | torch {env['torch']} | diffusers {env['diffusers']} | "
+        f"transformers {env['transformers']} | {settings}"
+    )
 
     models = build_models(args, device, dtype, notes)
     runners = build_runners(models, args)
-    sizes = {k: {"params": param_count(models[k]), "bytes": param_bytes(models[k])}
-             for k in ("unet", "vae", "clip", "t5", "connector")}
-    log("model sizes: " + ", ".join(f"{k} {v['params'] / 1e6:.1f}M ({v['bytes'] / 1e9:.2f} GB)"
-                                   for k, v in sizes.items()))
+    sizes = {
+        k: {"params": param_count(models[k]), "bytes": param_bytes(models[k])}
+        for k in ("unet", "vae", "clip", "t5", "connector")
+    }
+    log(
+        "model sizes: "
+        + ", ".join(f"{k} {v['params'] / 1e6:.1f}M ({v['bytes'] / 1e9:.2f} GB)" for k, v in sizes.items())
+    )
 
     results = measure(models, runners, args, device, notes)
     components = []
@@ -691,26 +788,34 @@ def main(argv=None) -> int:
         return "-" if x is None else f"{x:.3f}x"
 
     lines = [
-        (f"# ELLA inference benchmark ({env['device_name']}, {settings['dtype']}, {args.size}x{args.size}, "
-        f"{args.steps} steps DPM-Solver++, CFG {args.guidance}{', TINY configs' if args.tiny else ''})"),
+        (
+            f"# ELLA inference benchmark ({env['device_name']}, {settings['dtype']}, {args.size}x{args.size}, "
+            f"{args.steps} steps DPM-Solver++, CFG {args.guidance}{', TINY configs' if args.tiny else ''})"
+        ),
         "",
         "| config | batch | s/image | ratio vs plain | peak GB | best s/image | best ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = f"{r['peak_bytes'] / 1e9:.2f}" if "peak_bytes" in r else "-"
-        lines.append(f"| {r['config']} | {r['batch']} | {r['s_per_image']:.3f} | {fmt_ratio(r['ratio_vs_plain'])} "
-                     f"| {peak} | {r['min_s_per_call'] / r['batch']:.3f} | {fmt_ratio(r['min_ratio_vs_plain'])} |")
+        lines.append(
+            f"| {r['config']} | {r['batch']} | {r['s_per_image']:.3f} | {fmt_ratio(r['ratio_vs_plain'])} "
+            f"| {peak} | {r['min_s_per_call'] / r['batch']:.3f} | {fmt_ratio(r['min_ratio_vs_plain'])} |"
+        )
     repeats = sorted({r["repeats"] for r in results})
     lines += [
         "",
-        (f"s/image = median of {'/'.join(map(str, repeats))} timed calls / batch (configs interleaved, after "
-         f"{args.warmup} + 1 warm-up call(s) each); peak GB = torch.cuda.max_memory_allocated() / 1e9 over one "
-         "steady-state call with only that config's models on the GPU; best = fastest timed call (host noise "
-         "only slows calls down, so best-of-N is the less noisy wall-time estimate)."),
+        (
+            f"s/image = median of {'/'.join(map(str, repeats))} timed calls / batch (configs interleaved, after "
+            f"{args.warmup} + 1 warm-up call(s) each); peak GB = torch.cuda.max_memory_allocated() / 1e9 over one "
+            "steady-state call with only that config's models on the GPU; best = fastest timed call (host noise "
+            "only slows calls down, so best-of-N is the less noisy wall-time estimate)."
+        ),
         "Targets: ours <= 1.03x plain; official (per-step connector) ~1.2x plain; ours peak <= 6 GB at batch 1.",
-        (f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}; "
-        f"TF32 matmul {env['matmul_allow_tf32']}; random weights."),
+        (
+            f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}; "
+            f"TF32 matmul {env['matmul_allow_tf32']}; random weights."
+        ),
     ]
     if any("gpu_busy_s" in r for r in results):
         lines += [
@@ -720,30 +825,46 @@ def main(argv=None) -> int:
             "| config | batch | GPU-busy s/image | GPU ratio vs plain | GPU busy % of wall | GPU ops/call |",
             "|---|---|---|---|---|---|",
         ]
-        lines += [f"| {r['config']} | {r['batch']} | {r['gpu_busy_s'] / r['batch']:.3f} | "
-                  f"{fmt_ratio(r.get('gpu_ratio_vs_plain'))} | {r['gpu_busy_fraction']:.0%} | {r['gpu_ops']} |"
-                  for r in results if "gpu_busy_s" in r]
+        lines += [
+            f"| {r['config']} | {r['batch']} | {r['gpu_busy_s'] / r['batch']:.3f} | "
+            f"{fmt_ratio(r.get('gpu_ratio_vs_plain'))} | {r['gpu_busy_fraction']:.0%} | {r['gpu_ops']} |"
+            for r in results
+            if "gpu_busy_s" in r
+        ]
     if components:
         lines += [
             "",
             "Components per call (median of 5, CFG rows; ms):",
             "",
-            ("| batch | T5 encode | condition table (ours) | connector every step (official) | UNet step "
-             "| UNet x steps |"),
+            (
+                "| batch | T5 encode | condition table (ours) | connector every step (official) | UNet step "
+                "| UNet x steps |"
+            ),
             "|---|---|---|---|---|---|",
         ]
-        lines += [f"| {c['batch']} | {c['t5_encode_s'] * 1e3:.1f} | {c['condition_table_s'] * 1e3:.1f} | "
-                  f"{c['connector_every_step_s'] * 1e3:.1f} | {c['unet_step_s'] * 1e3:.1f} | "
-                  f"{c['unet_all_steps_s'] * 1e3:.0f} |" for c in components]
+        lines += [
+            f"| {c['batch']} | {c['t5_encode_s'] * 1e3:.1f} | {c['condition_table_s'] * 1e3:.1f} | "
+            f"{c['connector_every_step_s'] * 1e3:.1f} | {c['unet_step_s'] * 1e3:.1f} | "
+            f"{c['unet_all_steps_s'] * 1e3:.0f} |"
+            for c in components
+        ]
     lines += [f"Note: {n}" for n in notes]
     table = "\n".join(lines)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_inference.md").write_text(table + "\n")
-    payload = {"env": env, "settings": settings, "model_sizes": sizes, "model_configs": models["configs"],
-               "notes": notes, "results": results, "components": components, "prompts": PROMPTS,
-               "total_wall_s": time.perf_counter() - T0}
+    payload = {
+        "env": env,
+        "settings": settings,
+        "model_sizes": sizes,
+        "model_configs": models["configs"],
+        "notes": notes,
+        "results": results,
+        "components": components,
+        "prompts": PROMPTS,
+        "total_wall_s": time.perf_counter() - T0,
+    }
     (out / "bench_inference.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print("\n" + table, flush=True)
     log(f"wrote {out / 'bench_inference.md'} and {out / 'bench_inference.json'}")

@@ -4,7 +4,13 @@
 Run: PYTHONPATH=src OUT=out python benchmarks/bench_shapes_probe.py  (CUDA only; writes $OUT/probe.json)
 """
 
-import time, torch, torch.nn.functional as F, json, os
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
 from ella.shapes import models as M
 
 dev = torch.device("cuda")
@@ -86,4 +92,5 @@ def cstep():
 
 res["connector_step_b256_no_llm"] = round(B / bench("conn", cstep))
 print(res, flush=True)
-json.dump(res, open(os.path.join(os.environ["OUT"], "probe.json"), "w"))
+with open(os.path.join(os.environ["OUT"], "probe.json"), "w") as f:
+    json.dump(res, f)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_inference import FLAN_T5_XL, SD15_SCHEDULER, SD15_UNET, SD15_VAE, TINY_T5, TINY_UNET, TINY_VAE  # noqa: E402
+from bench_inference import FLAN_T5_XL, SD15_SCHEDULER, SD15_UNET, SD15_VAE, TINY_T5, TINY_UNET, TINY_VAE
 
 H100_BF16_PEAK = 989.4e12
 UNET_GFLOP_PER_SAMPLE = 2 * 803  # the model FLOPs: forward + input-gradient backward
@@ -50,8 +50,13 @@ def build(args, device):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**(TINY_UNET if args.tiny else SD15_UNET))
-    connector = TimestepAwareSemanticConnector(**(dict(width=32, layers=2, heads=4, num_latents=8, input_dim=16,
-                                                       time_channel=32, time_embed_dim=32) if args.tiny else {}))
+    connector = TimestepAwareSemanticConnector(
+        **(
+            dict(width=32, layers=2, heads=4, num_latents=8, input_dim=16, time_channel=32, time_embed_dim=32)
+            if args.tiny
+            else {}
+        )
+    )
     t5 = vae = None  # built only if a selected configuration reads them (T5-XL init takes a while)
     if needs(args, "t5") or needs(args, "raw"):
         t5 = T5EncoderModel(T5Config(**(TINY_T5 if args.tiny else FLAN_T5_XL))).eval().requires_grad_(False)
@@ -69,19 +74,37 @@ def plan(args) -> list[tuple[str, dict]]:
         ("bf16", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=False, inputs="cached")),
         ("bf16+cl", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=False, inputs="cached")),
         ("bf16+cl+compile", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached")),
-        ("bf16+cl+compile b128", dict(batch=2 * b, unet_dtype=bf16, channels_last=True, compile_unet=True,
-                                      inputs="cached")),
+        (
+            "bf16+cl+compile b128",
+            dict(batch=2 * b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached"),
+        ),
         ("bf16+cl+compile t5", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="t5")),
         ("bf16+cl+compile raw", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="raw")),
         ("bf16+compile", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=True, inputs="cached")),
-        ("bf16+cl+compile b96", dict(batch=3 * b // 2, unet_dtype=bf16, channels_last=True, compile_unet=True,
-                                     inputs="cached")),
-        ("bf16+cl+compile+fuseqkv", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True,
-                                         inputs="cached", fuse_qkv=True)),
-        ("bf16+cl+compile+fuseqkv+tuned", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True,
-                                               inputs="cached", tuned=True)),
-        ("bf16+compile+flash+tuned", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=True,
-                                          inputs="cached", tuned=True, no_cudnn_attention=True)),
+        (
+            "bf16+cl+compile b96",
+            dict(batch=3 * b // 2, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached"),
+        ),
+        (
+            "bf16+cl+compile+fuseqkv",
+            dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached", fuse_qkv=True),
+        ),
+        (
+            "bf16+cl+compile+fuseqkv+tuned",
+            dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached", tuned=True),
+        ),
+        (
+            "bf16+compile+flash+tuned",
+            dict(
+                batch=b,
+                unet_dtype=bf16,
+                channels_last=False,
+                compile_unet=True,
+                inputs="cached",
+                tuned=True,
+                no_cudnn_attention=True,
+            ),
+        ),
     ]
 
 
@@ -99,8 +122,21 @@ def count_unet_gflop(unet, device, latent: int, cross: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def run_config(name, models, args, device, *, batch, unet_dtype, channels_last, compile_unet, inputs,
-               fuse_qkv=False, tuned=False, no_cudnn_attention=False):
+def run_config(
+    name,
+    models,
+    args,
+    device,
+    *,
+    batch,
+    unet_dtype,
+    channels_last,
+    compile_unet,
+    inputs,
+    fuse_qkv=False,
+    tuned=False,
+    no_cudnn_attention=False,
+):
     from accelerate import Accelerator
 
     from ella.train.models import Dims
@@ -182,10 +218,15 @@ def run_config(name, models, args, device, *, batch, unet_dtype, channels_last, 
     elapsed = time.perf_counter() - t0
     sps = batch * args.steps / elapsed
     row = {
-        "config": name, "batch": batch, "inputs": inputs, "processes": accelerator.num_processes,
-        "samples_per_s": round(sps, 1), "total_samples_per_s": round(sps * accelerator.num_processes, 1),
+        "config": name,
+        "batch": batch,
+        "inputs": inputs,
+        "processes": accelerator.num_processes,
+        "samples_per_s": round(sps, 1),
+        "total_samples_per_s": round(sps * accelerator.num_processes, 1),
         "mfu": round(sps * UNET_GFLOP_PER_SAMPLE * 1e9 / H100_BF16_PEAK, 4),
-        "step_ms": round(1000 * elapsed / args.steps, 1), "warmup_s": round(warm_s, 1),
+        "step_ms": round(1000 * elapsed / args.steps, 1),
+        "warmup_s": round(warm_s, 1),
         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
         "loss_finite": bool(torch.isfinite(loss).item()),
     }
@@ -208,14 +249,26 @@ def profile_step(step, device) -> None:
     kinds: dict[str, float] = {}
     for e in events:
         n = e.key.lower()
-        kind = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
-                "conv" if any(k in n for k in ("conv", "cudnn", "implicit", "dgrad", "wgrad", "xmma_fprop")) else
-                "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "matmul")) else
-                "triton/fused" if "triton" in n else
-                "norm" if "norm" in n else "other")
+        kind = (
+            "attention"
+            if any(k in n for k in ("flash", "fmha", "attention", "sdpa"))
+            else "conv"
+            if any(k in n for k in ("conv", "cudnn", "implicit", "dgrad", "wgrad", "xmma_fprop"))
+            else "gemm"
+            if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "matmul"))
+            else "triton/fused"
+            if "triton" in n
+            else "norm"
+            if "norm" in n
+            else "other"
+        )
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
-    print("GPU time by kind (ms): " + ", ".join(f"{k} {v / 1000:.1f}" for k, v in sorted(kinds.items(),
-          key=lambda kv: -kv[1])) + f"; total {total / 1000:.1f}", flush=True)
+    print(
+        "GPU time by kind (ms): "
+        + ", ".join(f"{k} {v / 1000:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        + f"; total {total / 1000:.1f}",
+        flush=True,
+    )
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / 1000:8.1f} ms  x{e.count:<4} {e.key[:110]}", flush=True)
 
@@ -243,8 +296,13 @@ def main(argv=None) -> int:
     suffix = f"_ddp{state.num_processes}" if state.num_processes > 1 else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "unet_fwd_gflop_counted": round(gflop, 1), "steps": args.steps, "warmup": args.warmup}
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "unet_fwd_gflop_counted": round(gflop, 1),
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     rows = []
     for name, kw in plan(args):
         if args.only and name not in args.only:
@@ -254,15 +312,20 @@ def main(argv=None) -> int:
             (out / f"bench_train{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if not state.is_main_process:
         return 0
-    lines = [f"device: {meta['device']}, torch {meta['torch']}, UNet fwd {gflop:.1f} GFLOP/sample (counted)", "",
-             "| config | inputs | processes | batch/GPU | samples/s/GPU | total samples/s | MFU | step ms | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"device: {meta['device']}, torch {meta['torch']}, UNet fwd {gflop:.1f} GFLOP/sample (counted)",
+        "",
+        "| config | inputs | processes | batch/GPU | samples/s/GPU | total samples/s | MFU | step ms | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['config']} | {r['inputs']} | | {r['batch']} | {r['error']} | | | | |")
         else:
-            lines.append(f"| {r['config']} | {r['inputs']} | {r['processes']} | {r['batch']} | {r['samples_per_s']} | "
-                         f"{r['total_samples_per_s']} | {100 * r['mfu']:.1f}% | {r['step_ms']} | {r['peak_gb']} |")
+            lines.append(
+                f"| {r['config']} | {r['inputs']} | {r['processes']} | {r['batch']} | {r['samples_per_s']} | "
+                f"{r['total_samples_per_s']} | {100 * r['mfu']:.1f}% | {r['step_ms']} | {r['peak_gb']} |"
+            )
     (out / f"bench_train{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -30,7 +30,7 @@ import torch
 def used_ids(tokenizer, captions: list[str]) -> set[int]:
     ids: set[int] = set(tokenizer.all_special_ids)
     for start in range(0, len(captions), 4096):
-        for row in tokenizer(captions[start:start + 4096])["input_ids"]:
+        for row in tokenizer(captions[start : start + 4096])["input_ids"]:
             ids.update(row)
     return ids
 
@@ -50,12 +50,16 @@ def main() -> None:
     source = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModel.from_pretrained(source, torch_dtype=torch.float16)
-    captions = [caption_for(0, i) for i in range(args.n_train)] + [caption_for(EVAL_SEED_OFFSET, i) for i in range(2000)]
+    captions = [caption_for(0, i) for i in range(args.n_train)] + [
+        caption_for(EVAL_SEED_OFFSET, i) for i in range(2000)
+    ]
     keep = used_ids(tokenizer, captions)
     extra = used_ids(tokenizer, [caption_for(7, i) for i in range(20_000)]) - keep
     if extra:
-        raise SystemExit(f"captions of another seed use {len(extra)} word pieces the packed copy would zero: "
-                         f"{tokenizer.convert_ids_to_tokens(sorted(extra))[:10]}")
+        raise SystemExit(
+            f"captions of another seed use {len(extra)} word pieces the packed copy would zero: "
+            f"{tokenizer.convert_ids_to_tokens(sorted(extra))[:10]}"
+        )
     table = model.embeddings.word_embeddings.weight
     with torch.no_grad():
         mask = torch.zeros(table.shape[0], dtype=torch.bool)

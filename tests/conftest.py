@@ -12,9 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_tiny_sd15, build_tiny_t5  # noqa: E402
-
-from ella import TimestepAwareSemanticConnector  # noqa: E402
+from ella import TimestepAwareSemanticConnector
+from tiny_models import build_tiny_sd15, build_tiny_t5
 
 T5_DIM = 16
 UNET_DIM = 32  # the tiny UNet's cross_attention_dim
@@ -22,7 +21,9 @@ UNET_DIM = 32  # the tiny UNet's cross_attention_dim
 
 def tiny_connector(seed: int = 0, **overrides) -> TimestepAwareSemanticConnector:
     """A small TSC whose AdaLN projections are randomised too (they are zero at init, which hides bugs)."""
-    config = dict(width=UNET_DIM, layers=2, heads=4, num_latents=8, input_dim=T5_DIM, time_channel=32, time_embed_dim=24)
+    config = dict(
+        width=UNET_DIM, layers=2, heads=4, num_latents=8, input_dim=T5_DIM, time_channel=32, time_embed_dim=24
+    )
     config.update(overrides)
     torch.manual_seed(seed)
     model = TimestepAwareSemanticConnector(**config)

@@ -24,10 +24,21 @@ from safetensors.torch import load_file, save_file
 
 UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -56,7 +67,9 @@ def unet_key(key: str, config: dict) -> str:
     if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
         b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
         index = b * (layers + 1) + i
-        return f"output_blocks.{index}." + (f"0.{_rename_head(rest, UNET_RESNET)}" if kind == "resnets" else f"1.{rest}")
+        return f"output_blocks.{index}." + (
+            f"0.{_rename_head(rest, UNET_RESNET)}" if kind == "resnets" else f"1.{rest}"
+        )
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         b = int(m[1])
         slot = 2 if "CrossAttn" in config["up_block_types"][b] else 1  # after the attention, if there is one

@@ -21,8 +21,18 @@ def test_generate_score_compare_dsg1k(tiny_sd, tiny_ella_file, tiny_t5, tmp_path
     assert "wrote 0 grids" in again.stdout  # resumed: nothing left to do
 
     blip = build_tiny_blip_vqa(tmp_path / "blip")
-    score = run_ella("bench", "dpg", "score", str(tmp_path / "ella"), "--benchmark", "dsg1k",
-                     "--vqa", f"blip:{blip}", "--device", "cpu")
+    score = run_ella(
+        "bench",
+        "dpg",
+        "score",
+        str(tmp_path / "ella"),
+        "--benchmark",
+        "dsg1k",
+        "--vqa",
+        f"blip:{blip}",
+        "--device",
+        "cpu",
+    )
     assert score.returncode == 0, score.stderr
     report = json.loads((tmp_path / "ella" / "report" / "report.json").read_text())
     assert report["num_items_expected"] == 1060 and report["num_items"] == 2
@@ -31,8 +41,13 @@ def test_generate_score_compare_dsg1k(tiny_sd, tiny_ella_file, tiny_t5, tmp_path
     assert (tmp_path / "ella" / "report" / "categories.png").stat().st_size > 0
     assert (tmp_path / "ella" / ".vqa-cache").is_dir()
 
-    cmp = run_ella("bench", "dpg", "compare", str(tmp_path / "ella" / "report" / "report.json"),
-                   str(tmp_path / "ella" / "report" / "report.json"))
+    cmp = run_ella(
+        "bench",
+        "dpg",
+        "compare",
+        str(tmp_path / "ella" / "report" / "report.json"),
+        str(tmp_path / "ella" / "report" / "report.json"),
+    )
     assert cmp.returncode == 0 and "+0.00" in cmp.stdout
 
     bad = run_ella("bench", "dpg", "score", str(tmp_path / "ella"), "--vqa", f"blip:{blip}")

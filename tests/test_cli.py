@@ -26,8 +26,24 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"ella-diffusion {ella.__version__}"
     out = run_ella("generate", "--help")
     assert out.returncode == 0
-    for flag in ("--negative", "--steps", "--guidance", "--seed", "--width", "--height", "--num-images", "--out",
-                 "--base", "--ella", "--llm", "--device", "--dtype", "--max-length", "--flexible", "--scheduler"):
+    for flag in (
+        "--negative",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--width",
+        "--height",
+        "--num-images",
+        "--out",
+        "--base",
+        "--ella",
+        "--llm",
+        "--device",
+        "--dtype",
+        "--max-length",
+        "--flexible",
+        "--scheduler",
+    ):
         assert flag in out.stdout
 
 
@@ -37,13 +53,31 @@ def models(tiny_sd, tiny_ella_file, tiny_t5):
 
 
 def test_generate_writes_pngs_and_reproducible_sidecars(models, tmp_path):
-    args = ["a red cat on a blue chair", "--steps", "3", "--width", "64", "--height", "64", "--num-images", "2",
-            "--seed", "42", "--negative", "blurry", "--scheduler", "euler", *models]
+    args = [
+        "a red cat on a blue chair",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--num-images",
+        "2",
+        "--seed",
+        "42",
+        "--negative",
+        "blurry",
+        "--scheduler",
+        "euler",
+        *models,
+    ]
     first = run_ella("generate", *args, "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     pngs = sorted((tmp_path / "a").glob("*.png"))
-    assert [p.name for p in pngs] == ["000-a_red_cat_on_a_blue_chair-seed42.png",
-                                      "001-a_red_cat_on_a_blue_chair-seed43.png"]
+    assert [p.name for p in pngs] == [
+        "000-a_red_cat_on_a_blue_chair-seed42.png",
+        "001-a_red_cat_on_a_blue_chair-seed43.png",
+    ]
     meta = json.loads(pngs[1].with_suffix(".json").read_text())
     assert meta["prompt"] == "a red cat on a blue chair" and meta["seed"] == 43
     assert meta["negative_prompt"] == "blurry" and meta["steps"] == 3 and meta["guidance"] == 12.0
@@ -109,7 +143,8 @@ def test_wrong_shape_checkpoint_is_explained(models, tmp_path):
     tiny_connector(width=48, heads=4).save_single_file(bad)
     args = list(models)
     args[args.index("--ella") + 1] = str(bad)
-    out = run_ella("generate", "a cat", "--steps", "2", "--width", "64", "--height", "64", *args,
-                   "--out", str(tmp_path / "o"))
+    out = run_ella(
+        "generate", "a cat", "--steps", "2", "--width", "64", "--height", "64", *args, "--out", str(tmp_path / "o")
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "connector width 48 does not match the UNet's cross_attention_dim 32" in out.stderr

@@ -33,8 +33,17 @@ def rebuild(pipe, cls, clip_dir=None, **extra):
     if clip_dir is not None:
         text_encoder = CLIPTextModel.from_pretrained(clip_dir / "text_encoder").eval()
         tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
-    p = cls(vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=pipe.unet, scheduler=pipe.scheduler,
-            connector=pipe.connector, llm=pipe.llm, llm_tokenizer=pipe.llm_tokenizer, **extra)
+    p = cls(
+        vae=pipe.vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        connector=pipe.connector,
+        llm=pipe.llm,
+        llm_tokenizer=pipe.llm_tokenizer,
+        **extra,
+    )
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -91,10 +100,12 @@ def test_textual_inversion_reaches_the_unet_through_the_clip_part_only(clip_pipe
     images = {}
     for mode in ("ella+clip", "ella"):
         for seed in (0, 1):
-            clip_pipe.load_textual_inversion({"<sks>": torch.randn(width, generator=torch.Generator().manual_seed(seed))},
-                                             token="<sks>")
-            images[mode, seed] = clip_pipe(prompt, generator=gen(3), height=64, width=64, condition_mode=mode,
-                                           **KW).images
+            clip_pipe.load_textual_inversion(
+                {"<sks>": torch.randn(width, generator=torch.Generator().manual_seed(seed))}, token="<sks>"
+            )
+            images[mode, seed] = clip_pipe(
+                prompt, generator=gen(3), height=64, width=64, condition_mode=mode, **KW
+            ).images
             clip_pipe.unload_textual_inversion()
     assert np.abs(images["ella+clip", 0] - images["ella+clip", 1]).max() > 1e-3  # the learned token matters
     assert np.array_equal(images["ella", 0], images["ella", 1])  # ELLA alone never sees CLIP's embeddings
@@ -213,8 +224,25 @@ def generate(models: list[str], out, *flags: str) -> tuple[np.ndarray, dict]:
 
     from ella.cli import main as cli
 
-    assert cli(["generate", "a red cat on a blue chair", "--steps", "3", "--width", "64", "--height", "64",
-                "--out", str(out), *models, *flags]) == 0
+    assert (
+        cli(
+            [
+                "generate",
+                "a red cat on a blue chair",
+                "--steps",
+                "3",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--out",
+                str(out),
+                *models,
+                *flags,
+            ]
+        )
+        == 0
+    )
     (png,) = out.glob("*.png")
     return np.asarray(Image.open(png)), json.loads(png.with_suffix(".json").read_text())
 
@@ -231,8 +259,14 @@ def test_generate_tool_flags_pick_the_pipeline_and_record_their_inputs(cli_model
         "img2img": ["--init-image", str(r / "init.png"), "--strength", "0.6"],
         "inpaint": ["--init-image", str(r / "init.png"), "--mask", str(r / "mask.png")],
         "controlnet": ["--controlnet", str(r / "cn"), "--control-image", str(r / "control.png")],
-        "controlnet-img2img": ["--controlnet", str(r / "cn"), "--control-image", str(r / "control.png"),
-                               "--init-image", str(r / "init.png")],
+        "controlnet-img2img": [
+            "--controlnet",
+            str(r / "cn"),
+            "--control-image",
+            str(r / "control.png"),
+            "--init-image",
+            str(r / "init.png"),
+        ],
     }
     for kind, flags in cases.items():
         image, sidecar = generate(cli_models, tmp_path / kind, *flags)
@@ -240,7 +274,9 @@ def test_generate_tool_flags_pick_the_pipeline_and_record_their_inputs(cli_model
         assert set(sidecar["inputs"].values()) == {f for f in flags if f.endswith(".png")}
         assert image.shape == (64, 64, 3) and np.abs(image.astype(int) - plain).max() > 0
     again, sidecar = generate(cli_models, tmp_path / "img2img-again", *cases["img2img"])
-    other, _ = generate(cli_models, tmp_path / "img2img-other", "--init-image", str(r / "init2.png"), "--strength", "0.6")
+    other, _ = generate(
+        cli_models, tmp_path / "img2img-other", "--init-image", str(r / "init2.png"), "--strength", "0.6"
+    )
     assert np.array_equal(again, np.asarray(Image.open(next((tmp_path / "img2img").glob("*.png")))))
     assert sidecar["strength"] == 0.6 and np.abs(other.astype(int) - again).max() > 0  # the input image matters
 
@@ -254,13 +290,16 @@ def test_generate_lora_and_ella_clip_mode_change_the_image(cli_models, tool_file
     assert sidecar["condition_mode"] == "ella+clip" and np.abs(both.astype(int) - plain).max() > 0
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--mask", "m.png"], "--mask needs --init-image"),
-    (["--controlnet", "cn"], "--controlnet and --control-image go together"),
-    (["--init-image", "x.png", "--strength", "1.5"], "strength must be in"),
-    (["--init-image", "nope.png"], "cannot read image 'nope.png'"),
-    (["--lora", "missing.safetensors"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mask", "m.png"], "--mask needs --init-image"),
+        (["--controlnet", "cn"], "--controlnet and --control-image go together"),
+        (["--init-image", "x.png", "--strength", "1.5"], "strength must be in"),
+        (["--init-image", "nope.png"], "cannot read image 'nope.png'"),
+        (["--lora", "missing.safetensors"], "does not exist"),
+    ],
+)
 def test_generate_tool_flag_mistakes_are_one_line(cli_models, tmp_path, capsys, flags, message):
     from ella.cli import main as cli
 

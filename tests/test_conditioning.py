@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_connector
 
+from conftest import tiny_connector
 from ella import conditioning
 from ella.conditioning import ConditionTable, placeholder_embeds
 from ella.text import TextFeatures
@@ -61,4 +61,6 @@ def test_mlp_connector_passes_the_text_mask_to_the_unet():
     _, table = table_for(tiny_connector(seed=5, variant="mlp"), [10], mask)
     assert torch.equal(table.encoder_attention_mask(placeholder_embeds(torch.tensor([2, 0]), "cpu")), mask[[2, 0]])
     _, tsc_table = table_for(tiny_connector(seed=5), [10], mask)
-    assert tsc_table.encoder_attention_mask(placeholder_embeds(torch.tensor([2, 0]), "cpu")) is None  # 64 latents: no mask
+    assert (
+        tsc_table.encoder_attention_mask(placeholder_embeds(torch.tensor([2, 0]), "cpu")) is None
+    )  # 64 latents: no mask

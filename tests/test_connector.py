@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_connector
 
+from conftest import tiny_connector
 from ella import TimestepAwareSemanticConnector
 from ella.connector import CheckpointMismatchError
 
@@ -29,10 +29,12 @@ def ref_forward(sd: dict, x: torch.Tensor, t: torch.Tensor, heads: int, mask: to
     """The released TSC from its state dict with plain tensor algebra (no nn modules), in fp64."""
     sd = {k: v.double() for k, v in sd.items()}
     x = x.double()
-    lin = lambda h, name: h @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]  # noqa: E731
-    silu = lambda h: h * torch.sigmoid(h)  # noqa: E731
-    T = lin(silu(lin(ref_sinusoid(t, sd["time_embedding.linear_1.weight"].shape[1]), "time_embedding.linear_1")),
-            "time_embedding.linear_2")  # [B, D_t]
+    lin = lambda h, name: h @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+    silu = lambda h: h * torch.sigmoid(h)
+    T = lin(
+        silu(lin(ref_sinusoid(t, sd["time_embedding.linear_1.weight"].shape[1]), "time_embedding.linear_1")),
+        "time_embedding.linear_2",
+    )  # [B, D_t]
 
     def adaln(h, name):
         shift, scale = lin(silu(T), name).unsqueeze(1).chunk(2, dim=-1)
@@ -54,7 +56,7 @@ def ref_forward(sd: dict, x: torch.Tensor, t: torch.Tensor, heads: int, mask: to
         q = q_in @ w[:width].T + b[:width]
         k = kv_in @ w[width : 2 * width].T + b[width : 2 * width]
         v = kv_in @ w[2 * width :].T + b[2 * width :]
-        split = lambda h: h.view(B, -1, heads, hd).transpose(1, 2)  # noqa: E731
+        split = lambda h: h.view(B, -1, heads, hd).transpose(1, 2)
         logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(hd)
         if mask is not None:
             keep = torch.cat([torch.ones(B, latents.shape[1]), mask.double()], dim=1).bool()
@@ -72,10 +74,23 @@ def ref_forward(sd: dict, x: torch.Tensor, t: torch.Tensor, heads: int, mask: to
 
 def released_keys(layers: int = 6) -> list[str]:
     keys = [f"time_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
-    keys += ["connector.latents", "connector.time_aware_linear.weight", "connector.time_aware_linear.bias",
-             "connector.proj_in.weight", "connector.proj_in.bias"]
-    block = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-             "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
+    keys += [
+        "connector.latents",
+        "connector.time_aware_linear.weight",
+        "connector.time_aware_linear.bias",
+        "connector.proj_in.weight",
+        "connector.proj_in.bias",
+    ]
+    block = [
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    ]
     block += [f"{ln}.linear.{p}" for ln in ("ln_1", "ln_2", "ln_ff") for p in ("weight", "bias")]
     keys += [f"connector.perceiver_blocks.{i}.{k}" for i in range(layers) for k in block]
     return keys
@@ -224,8 +239,16 @@ def test_variants_behave_as_their_names_say():
     assert "time_embedding.linear_1.weight" not in resampler.state_dict()
     assert torch.equal(resampler(x, 1), resampler(x, 999))
     # AdaLN-Zero: residual gates start at zero, so every block is the identity at init
-    zero = TimestepAwareSemanticConnector(width=32, layers=2, heads=4, num_latents=8, input_dim=16,
-                                          time_channel=32, time_embed_dim=24, variant="tsc_adaln_zero")
+    zero = TimestepAwareSemanticConnector(
+        width=32,
+        layers=2,
+        heads=4,
+        num_latents=8,
+        input_dim=16,
+        time_channel=32,
+        time_embed_dim=24,
+        variant="tsc_adaln_zero",
+    )
     T = zero.embed_timesteps(500, 2, torch.float32)
     start = zero.connector.latents + zero.connector.time_aware_linear(torch.nn.functional.silu(T))[:, None]
     assert torch.allclose(zero(x, 500), start, atol=1e-6)

@@ -15,8 +15,17 @@ from ella.bench.dpg import score, split_grid
 from ella.bench.generate import generate_grids, make_grid, shard_items
 from ella.errors import EllaError
 
-HEADER = ["item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed",
-          "tuple", "question_natural_language"]
+HEADER = [
+    "item_id",
+    "text",
+    "keywords",
+    "proposition_id",
+    "dependency",
+    "category_broad",
+    "category_detailed",
+    "tuple",
+    "question_natural_language",
+]
 ROWS = [  # item a: entity <- attribute <- relation(1,2); global. item b: entity <- color, count
     ("a", "1", "0", "entity - whole (cat)", "Is there a cat?"),
     ("a", "2", "1", "attribute - color (cat, red)", "Is the cat red?"),
@@ -83,7 +92,8 @@ def test_protocol_scores_by_hand(bench_dir):
     assert result["overall"] == pytest.approx(100 * (0.6875 + 11 / 12) / 2)
     # categories: every tile, answers *before* the dependency rule
     assert result["categories"] == pytest.approx(
-        {"entity": 87.5, "attribute": 87.5, "relation": 100.0, "global": 100.0, "other": 75.0})
+        {"entity": 87.5, "attribute": 87.5, "relation": 100.0, "global": 100.0, "other": 75.0}
+    )
     assert result["subcategories"]["other - count"] == 75.0
     assert result["num_items"] == 2 and result["num_items_expected"] == 4
     errors = {e["item_id"]: e["error"] for e in result["errors"]}
@@ -126,8 +136,10 @@ def test_dsg1k_is_packaged_and_parsed():
     assert sum(len(q) for q in bench.questions.values()) == 8182
     counts = Counter(q.category for qs in bench.questions.values() for q in qs)
     assert counts == {"entity": 3395, "relation": 2069, "attribute": 1950, "global": 475, "other": 293}
-    assert bench.questions["whoops_5"][1].parents == (1,) and bench.questions["whoops_5"][1].subcategory == \
-        "attribute - color"
+    assert (
+        bench.questions["whoops_5"][1].parents == (1,)
+        and bench.questions["whoops_5"][1].subcategory == "attribute - color"
+    )
 
 
 def test_dpg_data_and_csv_errors(tmp_path):
@@ -157,8 +169,9 @@ PROMPTS = {"1": "a red cat", "2": "a green lamp", "10": "two blue squares", "x":
 
 
 def test_generation_resumes_and_two_shards_equal_one_run(pipe, tmp_path):
-    kw = dict(settings={"model": "tiny"}, base_seed=5, tile_size=32, call_kwargs={"num_inference_steps": 2},
-              progress=False)
+    kw = dict(
+        settings={"model": "tiny"}, base_seed=5, tile_size=32, call_kwargs={"num_inference_steps": 2}, progress=False
+    )
     full = generate_grids(pipe, PROMPTS, tmp_path / "full", **kw)
     assert sorted(p.name for p in full) == ["1.png", "10.png", "2.png", "x.png"]
     assert Image.open(full[0]).size == (64, 64)
@@ -179,11 +192,20 @@ def test_generation_resumes_and_two_shards_equal_one_run(pipe, tmp_path):
 
 
 def test_tile_k_is_seed_plus_k(pipe, tmp_path):
-    generate_grids(pipe, {"1": "a red cat"}, tmp_path, settings={}, base_seed=5, tile_size=32,
-                   call_kwargs={"num_inference_steps": 2}, progress=False)
+    generate_grids(
+        pipe,
+        {"1": "a red cat"},
+        tmp_path,
+        settings={},
+        base_seed=5,
+        tile_size=32,
+        call_kwargs={"num_inference_steps": 2},
+        progress=False,
+    )
     grid = Image.open(tmp_path / "1.png").convert("RGB")
-    alone = pipe("a red cat", generator=torch.Generator().manual_seed(5 + 3), height=32, width=32,
-                 num_inference_steps=2).images[0]
+    alone = pipe(
+        "a red cat", generator=torch.Generator().manual_seed(5 + 3), height=32, width=32, num_inference_steps=2
+    ).images[0]
     import numpy as np
 
     diff = np.abs(np.asarray(split_grid(grid)[3], dtype=int) - np.asarray(alone, dtype=int)).max()

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ella import EllaStableDiffusionPipeline
 from ella.errors import EllaError
-from ella.loading import make_scheduler
+from ella.schedulers import make_scheduler
 from ella.text import encode_text
 
 PROMPT = "a red cat sitting on a blue chair next to a green lamp"
@@ -47,8 +47,14 @@ class OfficialProxyUNet(torch.nn.Module):
 
 def official_pipe(pipe, lengths=None) -> StableDiffusionPipeline:
     official = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=None, tokenizer=None, unet=pipe.unet, scheduler=pipe.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=pipe.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     official.set_progress_bar_config(disable=True)
     official.unet = OfficialProxyUNet(pipe.connector, pipe.unet, lengths)

@@ -17,8 +17,12 @@ def make_result(overall: float = 78.456, **settings) -> dict:
         "benchmark": "dpg",
         "overall": overall,
         "categories": {"entity": 81.234, "attribute": 77.0, "relation": 70.5555, "global": 85.0, "other": 60.0},
-        "subcategories": {"entity - whole": 82.0, "attribute - color": 79.126, "attribute - shape": 71.0,
-                          "relation - spatial": 70.0},
+        "subcategories": {
+            "entity - whole": 82.0,
+            "attribute - color": 79.126,
+            "attribute - shape": 71.0,
+            "relation - spatial": 70.0,
+        },
         "items": {"a1": {"score": 0.75, "tiles": [1.0, 0.5, 0.75, 0.75], "answers": [["yes"]] * 4}},
         "errors": [{"item_id": f"bad{i}", "error": "image missing"} for i in range(7)],
         "num_items": 1058,
@@ -45,8 +49,7 @@ def test_paper_rows_ordering_with_user_row():
     md = to_markdown(make_result(overall=79.0))
     section = md.split("## Published DPG-Bench")[1]
     names = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
-    assert names == ["SD3-Medium", "FLUX.1-dev", "DALL-E 3", "ELLA-SDXL", "**yours**",
-                     "ELLA-SD1.5", "SDXL", "SD1.5"]
+    assert names == ["SD3-Medium", "FLUX.1-dev", "DALL-E 3", "ELLA-SDXL", "**yours**", "ELLA-SD1.5", "SDXL", "SD1.5"]
     assert len(names) == len(PAPER_ROWS) + 1
     assert paper_rows_with(90.0)[0] == ("**yours**", 90.0)
     assert paper_rows_with(10.0)[-1] == ("**yours**", 10.0)
@@ -103,12 +106,15 @@ def test_compare_deltas():
     assert "Warning" not in md
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda r: r["settings"].update(csv_blob="zzz"), "CSV hash"),
-    (lambda r: r["settings"].update(official_compat=True), "official_compat"),
-    (lambda r: r["settings"].update(vqa_backend="qwen"), "VQA backend"),
-    (lambda r: r.update(num_items=1000), "num_items"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda r: r["settings"].update(csv_blob="zzz"), "CSV hash"),
+        (lambda r: r["settings"].update(official_compat=True), "official_compat"),
+        (lambda r: r["settings"].update(vqa_backend="qwen"), "VQA backend"),
+        (lambda r: r.update(num_items=1000), "num_items"),
+    ],
+)
 def test_compare_settings_mismatch_warning(change, needle):
     a = make_result()
     b = copy.deepcopy(a)

@@ -32,7 +32,9 @@ def _train(rank: int, world: int, out) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}-of-{world}.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}-of-{world}.safetensors")
+    )
 
 
 def test_two_processes_train_the_same_weights_as_one_process_on_the_whole_batch(tmp_path):

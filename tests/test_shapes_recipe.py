@@ -24,7 +24,12 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     assert set(first["scores"]) == {CEILING, "base (weak encoder)", "+tsc", "+resampler", "+mlp"}
     assert all(0.0 <= r["overall"] <= 100.0 for r in first["scores"].values())
     assert {p.name for p in (out / "eval").glob("*.png")} == {  # one grid picture per table row
-        "VAE-round-trip-of-the-true-scene-ceiling.png", "base-weak-encoder.png", "tsc.png", "resampler.png", "mlp.png"}
+        "VAE-round-trip-of-the-true-scene-ceiling.png",
+        "base-weak-encoder.png",
+        "tsc.png",
+        "resampler.png",
+        "mlp.png",
+    }
     assert (out / "base" / "model_index.json").is_file() and (out / "base" / "text_encoder").is_dir()
     assert 0.0 <= json.loads((out / "vae" / "roundtrip.json").read_text())["oracle_yes_percent"] <= 100.0
     vae_config = json.loads((out / "base" / "vae" / "config.json").read_text())
@@ -33,7 +38,12 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
         assert (out / f"connector-{variant}" / "ella.safetensors").is_file()
         assert json.loads((out / f"connector-{variant}" / "training.json").read_text())["steps"] == 2
     assert json.loads((out / "base" / "training.json").read_text()) == {
-        "steps": 3, "max_steps": 3, "batch": 4, "stopped_by": "steps", "samples": 12}
+        "steps": 3,
+        "max_steps": 3,
+        "batch": 4,
+        "stopped_by": "steps",
+        "samples": 12,
+    }
     # one variant on several processes: the trainer under torchrun (gloo here), connector_batch split over them
     from dataclasses import replace
 
@@ -61,8 +71,10 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
     from safetensors.torch import load_file
 
     bundle = tmp_path / "bundle"
-    assert cli(["shapes", "reproduce", "--smoke", "--out", str(out), "--until", "connectors", "--bundle",
-                str(bundle)]) == 0
+    assert (
+        cli(["shapes", "reproduce", "--smoke", "--out", str(out), "--until", "connectors", "--bundle", str(bundle)])
+        == 0
+    )
     files = list(bundle.iterdir())
     assert len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)
     run2 = tmp_path / "run2"
@@ -96,8 +108,21 @@ def test_smoke_recipe_runs_every_stage_resumes_and_exports(tmp_path, capsys):
         load_shapes_pipeline(tmp_path / "nothing")
     # `ella generate --model DIR`: the same files through the ordinary generate path (64 px, sidecar)
     gen = tmp_path / "gen"
-    assert cli(["generate", "two small red circles on a white background", "--model", str(model), "--steps", "2",
-                "--out", str(gen)]) == 0
+    assert (
+        cli(
+            [
+                "generate",
+                "two small red circles on a white background",
+                "--model",
+                str(model),
+                "--steps",
+                "2",
+                "--out",
+                str(gen),
+            ]
+        )
+        == 0
+    )
     (png,) = gen.glob("*.png")
     assert Image.open(png).size == (64, 64)
     assert json.loads(png.with_suffix(".json").read_text())["models"]["model"] == str(model)

@@ -24,8 +24,23 @@ def test_ella_generate_model_shapes_is_deterministic(tmp_path):
     paths = []
     for run in ("a", "b"):
         out = tmp_path / run
-        assert cli(["generate", "a big red square in the center on a white background", "--model", "shapes",
-                    "--steps", "3", "--seed", "5", "--out", str(out)]) == 0
+        assert (
+            cli(
+                [
+                    "generate",
+                    "a big red square in the center on a white background",
+                    "--model",
+                    "shapes",
+                    "--steps",
+                    "3",
+                    "--seed",
+                    "5",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         (png,) = out.glob("*.png")
         paths.append(png)
     assert paths[0].read_bytes() == paths[1].read_bytes()  # same seed => same bytes
@@ -37,8 +52,14 @@ def test_shipped_base_draws_the_background_it_is_asked_for(background):
     from ella.shapes.oracle import ShapesOracle
 
     pipe = load_shapes_pipeline(kind="base")
-    image = pipe(f"a {background} background with one big green circle in the center", num_inference_steps=20,
-                 guidance_scale=5.0, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        f"a {background} background with one big green circle in the center",
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     oracle = ShapesOracle()
     assert oracle(image, f"Is the background {background}?") == "yes"
     other = "black" if background == "white" else "white"

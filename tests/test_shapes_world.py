@@ -130,8 +130,15 @@ def test_questions_follow_the_dpg_schema(tmp_path):
             assert all(p == 0 or p < q.proposition_id for p in q.parents)
             assert (q.parents == (0,)) == (q.category in ("entity", "global"))
             categories[q.subcategory] += 1
-    assert set(categories) == {"entity - whole", "attribute - color", "attribute - size", "other - count",
-                               "relation - position", "relation - spatial", "global -"}
+    assert set(categories) == {
+        "entity - whole",
+        "attribute - color",
+        "attribute - size",
+        "other - count",
+        "relation - position",
+        "relation - spatial",
+        "global -",
+    }
     bench, scenes = shapes_benchmark(60, SEED, csv_path=tmp_path / "b.csv")
     assert bench.name == "shapes" and list(bench.questions) == list(items) == list(scenes)
     assert bench.csv_blob == git_blob_sha1(tmp_path / "b.csv")

@@ -8,13 +8,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from ldm_layout import write_ldm_checkpoint
 from safetensors import safe_open
 
 from ella import load_pipeline
 from ella.cli import build_parser
 from ella.errors import EllaError
-from ella.loading import DEFAULT_BASE
+from ella.hub import DEFAULT_BASE
+from ldm_layout import write_ldm_checkpoint
 
 KW = dict(num_inference_steps=3, height=64, width=64, output_type="np", guidance_scale=7.0)
 PROMPT = "a red cat sitting on a blue chair"
@@ -129,8 +129,9 @@ def test_cli_flag_reaches_load_pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(ella.loading, "load_pipeline", fake_load_pipeline)
     from ella.cli import cmd_generate
 
-    args = build_parser().parse_args(["generate", "a cat", "--base", "m.safetensors", "--base-config", "cfg",
-                                      "--out", str(tmp_path)])
+    args = build_parser().parse_args(
+        ["generate", "a cat", "--base", "m.safetensors", "--base-config", "cfg", "--out", str(tmp_path)]
+    )
     with pytest.raises(EllaError, match="stop here"):
         cmd_generate(args)
     assert seen["base_config"] == "cfg"

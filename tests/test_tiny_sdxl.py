@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
 from tiny_models import (
     TINY_SDXL_CROSS_ATTENTION_DIM,
     TINY_SDXL_POOLED_DIM,
@@ -72,8 +73,14 @@ def test_pipeline_loads_and_runs(tiny_sdxl):
     assert embeds.shape == (1, 77, TINY_SDXL_CROSS_ATTENTION_DIM) and pooled.shape == (1, TINY_SDXL_POOLED_DIM)
     assert torch.count_nonzero(neg) == 0 and torch.count_nonzero(neg_pooled) == 0  # force_zeros_for_empty_prompt
 
-    out = pipe("a red cat", num_inference_steps=2, height=64, width=64, output_type="np",
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a red cat",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (1, 64, 64, 3)
     assert np.isfinite(out.images).all()
 
@@ -84,8 +91,12 @@ def test_same_seed_same_bytes_and_caller_rng_untouched(tiny_sdxl, tmp_path):
     torch.manual_seed(123)
     again = build_tiny_sdxl(tmp_path / "again", seed=0)
     assert torch.equal(torch.rand(3), expected)  # building did not consume the caller's RNG
-    for rel in (UNET_WEIGHTS, "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-                "text_encoder_2/model.safetensors"):
+    for rel in (
+        UNET_WEIGHTS,
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+    ):
         assert (again / rel).read_bytes() == (tiny_sdxl / rel).read_bytes(), rel
     other = build_tiny_sdxl(tmp_path / "other", seed=1)
     assert (other / UNET_WEIGHTS).read_bytes() != (tiny_sdxl / UNET_WEIGHTS).read_bytes()

@@ -39,10 +39,23 @@ def make_folder(path: Path, n: int = 8, corrupt: int = 0) -> Path:
 
 def tiny_config(tiny_sd, tiny_t5, data: Path, out: Path, **overrides) -> TrainConfig:
     values = dict(
-        pretrained_model_name_or_path=str(tiny_sd), llm_name_or_path=str(tiny_t5), train_data_dir=str(data),
-        output_dir=str(out), resolution=32, train_batch_size=4, max_train_steps=6, learning_rate=1e-3,
-        connector_layers=1, connector_heads=4, connector_num_latents=8, llm_max_length=16,
-        dataloader_num_workers=0, report_to="none", checkpointing_steps=3, logging_steps=1, seed=3,
+        pretrained_model_name_or_path=str(tiny_sd),
+        llm_name_or_path=str(tiny_t5),
+        train_data_dir=str(data),
+        output_dir=str(out),
+        resolution=32,
+        train_batch_size=4,
+        max_train_steps=6,
+        learning_rate=1e-3,
+        connector_layers=1,
+        connector_heads=4,
+        connector_num_latents=8,
+        llm_max_length=16,
+        dataloader_num_workers=0,
+        report_to="none",
+        checkpointing_steps=3,
+        logging_steps=1,
+        seed=3,
     )
     values.update(overrides)
     return build_config(values)
@@ -76,12 +89,13 @@ def captured(monkeypatch):
 def eval_loss(cfg: TrainConfig, connector_path: Path | None, folder: Path) -> float:
     """Fixed-noise loss over the whole (tiny) set: comparable before and after training."""
     from ella import TimestepAwareSemanticConnector
-    from ella.train.data import Augment, collate, open_dataset
+    from ella.train.data import Augment, open_dataset
     from ella.train.models import load_frozen, make_connector, read_dims
 
     dims = read_dims(cfg, None)
-    connector = (TimestepAwareSemanticConnector.from_single_file(connector_path) if connector_path
-                 else make_connector(cfg, dims))
+    connector = (
+        TimestepAwareSemanticConnector.from_single_file(connector_path) if connector_path else make_connector(cfg, dims)
+    )
     unet, vae, llm, tok, sched = load_frozen(cfg, torch.float32, "cpu", need_vae=True, need_llm=True)
     data = open_dataset(str(folder), Augment(resolution=cfg.resolution, center_crop=True, caption_dropout=0.0))
     batch = train_mod.TokenizingCollate(tok, cfg)([data[i] for i in range(len(data))])
@@ -89,14 +103,23 @@ def eval_loss(cfg: TrainConfig, connector_path: Path | None, folder: Path) -> fl
     with torch.no_grad():
         latents = train_mod.batch_latents(batch, vae, "cpu").repeat(8, 1, 1, 1)
         feats, mask = train_mod.batch_features(batch, llm, cfg, "cpu")
-        return train_mod.diffusion_loss(connector, unet, sched, latents, feats.repeat(8, 1, 1), mask, dims=dims,
-                                        generator=g).item()
+        return train_mod.diffusion_loss(
+            connector, unet, sched, latents, feats.repeat(8, 1, 1), mask, dims=dims, generator=g
+        ).item()
 
 
 def test_loss_falls_and_only_the_connector_changes(tiny_sd, tiny_t5, folder, tmp_path, captured):
     torch.manual_seed(0)
-    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", max_train_steps=100, learning_rate=5e-3,
-                      caption_dropout=0.0, checkpointing_steps=100)
+    cfg = tiny_config(
+        tiny_sd,
+        tiny_t5,
+        folder,
+        tmp_path / "run",
+        max_train_steps=100,
+        learning_rate=5e-3,
+        caption_dropout=0.0,
+        checkpointing_steps=100,
+    )
     init = tmp_path / "init.safetensors"
     from ella.train.models import make_connector, read_dims
 
@@ -125,11 +148,27 @@ def test_sigkill_and_resume_is_bit_identical(tiny_sd, tiny_t5, folder, tmp_path)
 
     def write_cfg(out: Path) -> Path:
         cfg = dict(
-            pretrained_model_name_or_path=str(tiny_sd), llm_name_or_path=str(tiny_t5), train_data_dir=str(folder),
-            output_dir=str(out), resolution=32, train_batch_size=3, max_train_steps=steps, checkpointing_steps=4,
-            checkpoints_total_limit=2, connector_layers=1, connector_heads=4, connector_num_latents=8,
-            llm_max_length=16, dataloader_num_workers=0, report_to="none", random_flip=True, use_ema=True,
-            ema_decay=0.9, gradient_accumulation_steps=2, seed=11, learning_rate=1e-3,
+            pretrained_model_name_or_path=str(tiny_sd),
+            llm_name_or_path=str(tiny_t5),
+            train_data_dir=str(folder),
+            output_dir=str(out),
+            resolution=32,
+            train_batch_size=3,
+            max_train_steps=steps,
+            checkpointing_steps=4,
+            checkpoints_total_limit=2,
+            connector_layers=1,
+            connector_heads=4,
+            connector_num_latents=8,
+            llm_max_length=16,
+            dataloader_num_workers=0,
+            report_to="none",
+            random_flip=True,
+            use_ema=True,
+            ema_decay=0.9,
+            gradient_accumulation_steps=2,
+            seed=11,
+            learning_rate=1e-3,
         )
         path = out.parent / f"{out.name}.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +181,9 @@ def test_sigkill_and_resume_is_bit_identical(tiny_sd, tiny_t5, folder, tmp_path)
     subprocess.run(cmd + [str(write_cfg(straight))], check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + [str(write_cfg(killed))], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [str(write_cfg(killed))], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not list(killed.glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -153,8 +193,9 @@ def test_sigkill_and_resume_is_bit_identical(tiny_sd, tiny_t5, folder, tmp_path)
     assert done and done[-1] < steps, f"the run was not interrupted mid-way: {done}"
     assert not (killed / "ella.safetensors").exists()
 
-    resumed = subprocess.run(cmd + [str(write_cfg(killed)), "--resume_from_checkpoint", "latest"], env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        cmd + [str(write_cfg(killed)), "--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_file(straight / "ella.safetensors"), load_file(killed / "ella.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -163,14 +204,19 @@ def test_sigkill_and_resume_is_bit_identical(tiny_sd, tiny_t5, folder, tmp_path)
     assert progress["global_step"] == steps
 
 
-def test_time_limit_stops_with_checkpoint_and_export_and_resume_finishes_the_same_run(tiny_sd, tiny_t5, folder,
-                                                                                     tmp_path):
+def test_time_limit_stops_with_checkpoint_and_export_and_resume_finishes_the_same_run(
+    tiny_sd, tiny_t5, folder, tmp_path
+):
     """A lent machine's clock: --max_train_minutes stops early, exports, and says how far it got."""
     straight = train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "straight"))
     out = tmp_path / "limited"
     train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, out, max_train_minutes=1e-9, resume_from_checkpoint="latest"))
     assert json.loads((out / "training.json").read_text()) == {
-        "steps": 1, "max_train_steps": 6, "samples_seen": 4, "stopped_by": "time"}
+        "steps": 1,
+        "max_train_steps": 6,
+        "samples_seen": 4,
+        "stopped_by": "time",
+    }
     assert (out / "ella.safetensors").is_file() and (out / "checkpoint-1").is_dir()
 
     train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, out, resume_from_checkpoint="latest"))
@@ -186,8 +232,9 @@ def test_compiled_mlp_runs_pad_text_to_max_length_and_the_loss_is_unchanged(tiny
     from ella.train.models import load_frozen, make_connector, read_dims
 
     plain = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "a", connector_variant="mlp", llm_max_length=48)
-    padded = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "b", connector_variant="mlp", llm_max_length=48,
-                         torch_compile=True)
+    padded = tiny_config(
+        tiny_sd, tiny_t5, folder, tmp_path / "b", connector_variant="mlp", llm_max_length=48, torch_compile=True
+    )
     dims = read_dims(plain, None)
     torch.manual_seed(0)
     connector = make_connector(plain, dims)
@@ -200,8 +247,11 @@ def test_compiled_mlp_runs_pad_text_to_max_length_and_the_loss_is_unchanged(tiny
     for cfg in (plain, padded):
         batch = train_mod.TokenizingCollate(tok, cfg)(samples)
         feats, mask = train_mod.batch_features(batch, llm, cfg, "cpu")
-        losses.append(train_mod.diffusion_loss(connector, unet, sched, latents, feats, mask, dims=dims,
-                                               generator=torch.Generator().manual_seed(1)))
+        losses.append(
+            train_mod.diffusion_loss(
+                connector, unet, sched, latents, feats, mask, dims=dims, generator=torch.Generator().manual_seed(1)
+            )
+        )
         if cfg is padded:
             assert feats.shape[1] == 48 and mask.shape == (4, 48) and mask[:, -1].sum() == 0
         else:
@@ -221,8 +271,9 @@ def test_features_from_loader_workers_equal_the_inference_encoding(tiny_sd, tiny
     _, _, llm, tok, _ = load_frozen(cfg, torch.float32, "cpu", need_vae=False, need_llm=True)
     data = open_dataset(str(folder), Augment(resolution=cfg.resolution, center_crop=True, caption_dropout=0.5))
     data.set_epoch(0)
-    loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=train_mod.TokenizingCollate(tok, cfg),
-                                         num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=3, collate_fn=train_mod.TokenizingCollate(tok, cfg), num_workers=2
+    )
     batches = list(loader)
     assert sum(len(b["captions"]) for b in batches) == len(data) and any("" in b["captions"] for b in batches)
     for batch in batches:
@@ -253,8 +304,18 @@ def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path,
         return Recorder(module)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    train_mod.main(tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "c", train_batch_size=3, max_train_steps=5,
-                               checkpointing_steps=5, torch_compile=True))
+    train_mod.main(
+        tiny_config(
+            tiny_sd,
+            tiny_t5,
+            folder,
+            tmp_path / "c",
+            train_batch_size=3,
+            max_train_steps=5,
+            checkpointing_steps=5,
+            torch_compile=True,
+        )
+    )
     assert sizes == [3] * 5
     seen = json.loads((tmp_path / "c" / "training.json").read_text())["samples_seen"]
     assert seen == 15
@@ -262,9 +323,19 @@ def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path,
 
 def test_corrupt_samples_are_skipped_and_counted(tiny_sd, tiny_t5, tmp_path):
     data = make_folder(tmp_path / "data", n=6, corrupt=2)
-    out = train_mod.main(tiny_config(tiny_sd, tiny_t5, data, tmp_path / "run", max_train_steps=4,
-                                     checkpointing_steps=4, gradient_checkpointing=True, snr_gamma=5.0,
-                                     noise_offset=0.05))
+    out = train_mod.main(
+        tiny_config(
+            tiny_sd,
+            tiny_t5,
+            data,
+            tmp_path / "run",
+            max_train_steps=4,
+            checkpointing_steps=4,
+            gradient_checkpointing=True,
+            snr_gamma=5.0,
+            noise_offset=0.05,
+        )
+    )
     progress = json.loads((out / "checkpoint-4" / "progress-rank0.json").read_text())
     # 8 files per epoch, 2 unreadable, batches of 4: 4 steps = 2 epochs = 12 good samples, 4 skipped
     assert (progress["samples_seen"], progress["skipped"]) == (12, 4)
@@ -287,9 +358,19 @@ def test_trains_from_webdataset_shards(tiny_sd, tiny_t5, tmp_path):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    out = train_mod.main(tiny_config(tiny_sd, tiny_t5, shards, tmp_path / "run", max_train_steps=5,
-                                     validation_prompts=["a red square", "a blue square"], validation_steps=5,
-                                     validation_inference_steps=2, report_to="tensorboard"))
+    out = train_mod.main(
+        tiny_config(
+            tiny_sd,
+            tiny_t5,
+            shards,
+            tmp_path / "run",
+            max_train_steps=5,
+            validation_prompts=["a red square", "a blue square"],
+            validation_steps=5,
+            validation_inference_steps=2,
+            report_to="tensorboard",
+        )
+    )
     progress = json.loads((out / "checkpoint-5" / "progress-rank0.json").read_text())
     assert progress["epoch"] >= 1 and progress["samples_seen"] == 20  # 8 samples per epoch, batches of 4
     grid = Image.open(out / "validation" / "step-0000005.png")
@@ -302,9 +383,11 @@ def test_trains_from_hf_dataset(tiny_sd, tiny_t5, tmp_path):
 
     images = [Image.new("RGB", (32, 40), rgb) for rgb in COLOURS.values()]
     datasets.Dataset.from_dict({"img": images, "caption": [f"a {c} square" for c in COLOURS]}).save_to_disk(
-        tmp_path / "hf")
-    cfg = tiny_config(tiny_sd, tiny_t5, tmp_path, tmp_path / "run", max_train_steps=2, image_column="img",
-                      caption_column="caption")
+        tmp_path / "hf"
+    )
+    cfg = tiny_config(
+        tiny_sd, tiny_t5, tmp_path, tmp_path / "run", max_train_steps=2, image_column="img", caption_column="caption"
+    )
     cfg.train_data_dir, cfg.dataset_name = None, str(tmp_path / "hf")
     assert (train_mod.main(cfg) / "ella.safetensors").is_file()
 
@@ -313,12 +396,34 @@ def test_trains_from_cache_without_vae_or_llm(tiny_sd, tiny_t5, folder, tmp_path
     from ella.cli import main as cli
 
     cache = tmp_path / "cache"
-    assert cli(["cache", "--train_data_dir", str(folder), "--output", str(cache), "--pretrained_model_name_or_path",
-                str(tiny_sd), "--resolution", "32", "--features", "--llm_name_or_path", str(tiny_t5),
-                "--llm_max_length", "16", "--dataloader_num_workers", "0", "--shard_size", "5"]) == 0
+    assert (
+        cli(
+            [
+                "cache",
+                "--train_data_dir",
+                str(folder),
+                "--output",
+                str(cache),
+                "--pretrained_model_name_or_path",
+                str(tiny_sd),
+                "--resolution",
+                "32",
+                "--features",
+                "--llm_name_or_path",
+                str(tiny_t5),
+                "--llm_max_length",
+                "16",
+                "--dataloader_num_workers",
+                "0",
+                "--shard_size",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = train_mod.main(tiny_config(tiny_sd, tiny_t5, cache, tmp_path / "run", max_train_steps=3))
     assert (out / "ella.safetensors").is_file()
-    unet, vae, llm = captured["models"][:3]
+    _, vae, llm = captured["models"][:3]
     assert vae is None and llm is None  # neither is loaded when the cache holds latents and features
 
 
@@ -336,8 +441,9 @@ def test_sdxl_style_unet_trains_pooled_head_with_time_ids(tiny_t5, folder, tmp_p
         return original(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
-    cfg = tiny_config(base, tiny_t5, folder, tmp_path / "run", max_train_steps=2, checkpointing_steps=2,
-                      center_crop=True)
+    cfg = tiny_config(
+        base, tiny_t5, folder, tmp_path / "run", max_train_steps=2, checkpointing_steps=2, center_crop=True
+    )
     out = train_mod.main(cfg)
     from ella import TimestepAwareSemanticConnector
 
@@ -392,10 +498,12 @@ def test_config_yaml_flags_and_bad_keys(tmp_path, capsys):
     from ella.cli import build_parser
     from ella.train.config import config_from_args
 
-    (tmp_path / "run.yaml").write_text("train_data_dir: d\nlearning_rate: 1e-5\nvalidation_prompts: [a cat]\n"
-                                       "train_batch_size: 8\n")
-    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--train_batch_size", "2",
-                                      "--use_ema"])
+    (tmp_path / "run.yaml").write_text(
+        "train_data_dir: d\nlearning_rate: 1e-5\nvalidation_prompts: [a cat]\ntrain_batch_size: 8\n"
+    )
+    args = build_parser().parse_args(
+        ["train", "--config", str(tmp_path / "run.yaml"), "--train_batch_size", "2", "--use_ema"]
+    )
     cfg = config_from_args(args)
     assert (cfg.learning_rate, cfg.train_batch_size, cfg.use_ema, cfg.validation_prompts) == (1e-5, 2, True, ["a cat"])
     assert cfg.adam_weight_decay == 0.01 and cfg.lr_scheduler == "constant"  # the paper's recipe by default
@@ -414,12 +522,44 @@ def test_config_yaml_flags_and_bad_keys(tmp_path, capsys):
 def test_two_process_ddp_on_cpu(tiny_sd, tiny_t5, folder, tmp_path):
     """`torchrun --nproc_per_node 2` runs DDP over CPU processes (gloo), each with its own progress file."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ella.cli", "train",
-           "--pretrained_model_name_or_path", str(tiny_sd), "--llm_name_or_path", str(tiny_t5),
-           "--train_data_dir", str(folder), "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "2",
-           "--max_train_steps", "3", "--checkpointing_steps", "3", "--connector_layers", "1", "--connector_heads", "4",
-           "--connector_num_latents", "8", "--llm_max_length", "16", "--dataloader_num_workers", "0",
-           "--report_to", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ella.cli",
+        "train",
+        "--pretrained_model_name_or_path",
+        str(tiny_sd),
+        "--llm_name_or_path",
+        str(tiny_t5),
+        "--train_data_dir",
+        str(folder),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "3",
+        "--connector_layers",
+        "1",
+        "--connector_heads",
+        "4",
+        "--connector_num_latents",
+        "8",
+        "--llm_max_length",
+        "16",
+        "--dataloader_num_workers",
+        "0",
+        "--report_to",
+        "none",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -431,9 +571,9 @@ def test_two_process_ddp_on_cpu(tiny_sd, tiny_t5, folder, tmp_path):
 
 def test_min_snr_weighting_matches_an_independent_formula(tiny_sd):
     """Min-SNR-5 loss = mean over samples of min(SNR, 5)/SNR × MSE, SNR = ᾱ/(1-ᾱ) (Hang et al. 2023)."""
-    from conftest import tiny_connector
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    from conftest import tiny_connector
     from ella.train.models import Dims
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").requires_grad_(False)
@@ -442,8 +582,17 @@ def test_min_snr_weighting_matches_an_independent_formula(tiny_sd):
     latents, feats = torch.randn(6, 4, 4, 4), torch.randn(6, 5, 16)
     dims = Dims(16, 32, None, {})
     with torch.no_grad():
-        weighted = train_mod.diffusion_loss(connector, unet, sched, latents, feats, None, dims=dims, snr_gamma=5.0,
-                                            generator=torch.Generator().manual_seed(2))
+        weighted = train_mod.diffusion_loss(
+            connector,
+            unet,
+            sched,
+            latents,
+            feats,
+            None,
+            dims=dims,
+            snr_gamma=5.0,
+            generator=torch.Generator().manual_seed(2),
+        )
         g = torch.Generator().manual_seed(2)  # replay the same draws: noise, then timesteps
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (6,), generator=g)
@@ -462,8 +611,19 @@ def test_missing_hub_models_are_named_with_the_train_flags(folder, tmp_path, cap
     """Offline, both missing models are reported at once, with the flags `ella train` actually has."""
     from ella.cli import main as cli
 
-    code = cli(["train", "--train_data_dir", str(folder), "--output_dir", str(tmp_path / "run"),
-                "--pretrained_model_name_or_path", "nobody/no-such-base", "--llm_name_or_path", "nobody/no-such-llm"])
+    code = cli(
+        [
+            "train",
+            "--train_data_dir",
+            str(folder),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--pretrained_model_name_or_path",
+            "nobody/no-such-base",
+            "--llm_name_or_path",
+            "nobody/no-such-llm",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "nobody/no-such-base" in err and "nobody/no-such-llm" in err
     assert "--pretrained_model_name_or_path DIR" in err and "--llm_name_or_path DIR" in err and "--base DIR" not in err

@@ -28,8 +28,14 @@ from ella.train.data import (
     sample_rng,
 )
 
-CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a small house", "a tall tree",
-            "a very old wooden house near a quiet lake at sunset"]  # the last is over 8 tokens
+CAPTIONS = [
+    "a red cat",
+    "a blue dog",
+    "a green bird",
+    "a small house",
+    "a tall tree",
+    "a very old wooden house near a quiet lake at sunset",
+]  # the last is over 8 tokens
 R = 16  # training resolution in these tests; images are 20x28 (w x h), so random crops move vertically
 RAW = Augment(resolution=R, caption_dropout=0.0)
 
@@ -84,13 +90,20 @@ def shards(tmp_path_factory) -> Path:
         members = []
         for i in range(3):
             key, image = f"{s}{i:04d}", encoded(noise_image(100 + 10 * s + i), "JPEG")
-            caption = (f"{key}.json", json.dumps({"caption": f"tar {s} {i}", "url": "x"}).encode()) if i == 2 \
+            caption = (
+                (f"{key}.json", json.dumps({"caption": f"tar {s} {i}", "url": "x"}).encode())
+                if i == 2
                 else (f"{key}.txt", f"tar {s} {i}".encode())
+            )
             members += [(f"{key}.jpg", image), caption]
         if s == 3:
-            members += [("3bad1.jpg", b"not a jpeg at all"), ("3bad1.txt", b"corrupt"),  # undecodable image
-                        ("3bad2.txt", b"no image"),  # a caption without image
-                        ("3bad3.jpg", encoded(noise_image(7), "JPEG")), ("3bad3.json", b'{"url": "x"}')]  # no caption
+            members += [
+                ("3bad1.jpg", b"not a jpeg at all"),
+                ("3bad1.txt", b"corrupt"),  # undecodable image
+                ("3bad2.txt", b"no image"),  # a caption without image
+                ("3bad3.jpg", encoded(noise_image(7), "JPEG")),
+                ("3bad3.json", b'{"url": "x"}'),
+            ]  # no caption
         write_tar(root / f"{s:05d}.tar", members)
     return root
 
@@ -138,8 +151,9 @@ def test_center_crop_and_flip_coordinates():
     assert original == (20, 40) and crop == (0, 8)
     for seed in range(50):  # find an RNG state that flips a crop away from the centre
         plain, _, (_, left) = prepare_image(image, Augment(resolution=R), random.Random(seed))
-        flipped, _, (_, left_flipped) = prepare_image(image, Augment(resolution=R, random_flip=True),
-                                                      random.Random(seed))
+        flipped, _, (_, left_flipped) = prepare_image(
+            image, Augment(resolution=R, random_flip=True), random.Random(seed)
+        )
         if left != 8 and not torch.equal(flipped, plain):
             break
     else:
@@ -185,6 +199,7 @@ def test_same_seed_and_epoch_give_identical_samples_and_epochs_differ(folder, sh
         if sa is not None:
             assert torch.equal(sa["pixel_values"], sb["pixel_values"]) and sa["caption"] == sb["caption"]
             assert torch.equal(sa["crop_top_left"], sb["crop_top_left"])
+
     def crops(d):
         return [d[i]["crop_top_left"].tolist() for i in range(len(d)) if d[i] is not None]
 
@@ -192,7 +207,7 @@ def test_same_seed_and_epoch_give_identical_samples_and_epochs_differ(folder, sh
     a.set_epoch(1)
     assert crops(a) != before
     t1, t2 = open_dataset(str(shards), aug), open_dataset(str(shards), aug)
-    assert all(x is None and y is None or torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(t1, t2))
+    assert all((x is None and y is None) or torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(t1, t2))
 
 
 def test_per_sample_decisions_do_not_depend_on_order_or_workers(folder):
@@ -200,8 +215,9 @@ def test_per_sample_decisions_do_not_depend_on_order_or_workers(folder):
     data = open_dataset(str(folder), aug)
     forward = {s["key"]: s for s in (data[i] for i in range(len(data))) if s is not None}
     backward = {s["key"]: s for s in (data[i] for i in reversed(range(len(data)))) if s is not None}
-    loader = torch.utils.data.DataLoader(data, batch_size=2, shuffle=True, num_workers=2, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=2, shuffle=True, num_workers=2, collate_fn=collate, generator=torch.Generator().manual_seed(1)
+    )
     batches = list(loader)
     via_loader = {k: (c, p) for b in batches for k, c, p in zip(b["keys"], b["captions"], b["pixel_values"])}
     assert forward.keys() == backward.keys() == via_loader.keys()
@@ -215,8 +231,9 @@ def many(tmp_path_factory) -> Path:
     import datasets
 
     path = tmp_path_factory.mktemp("many") / "hf"
-    datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))] * 200, "text": [f"c{i}" for i in range(200)]}
-                               ).save_to_disk(str(path))
+    datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (4, 4))] * 200, "text": [f"c{i}" for i in range(200)]}
+    ).save_to_disk(str(path))
     return path
 
 
@@ -328,8 +345,19 @@ def test_cache_round_trip_matches_independent_encoding(folder, models, tmp_path)
 
     vae, llm, tokenizer = models
     raw = open_dataset(str(folder), RAW)
-    index = write_cache(raw, tmp_path / "c", vae, llm=llm, tokenizer=tokenizer, max_length=8, batch_size=4,
-                        shard_size=4, progress=False, base="tiny", llm_name="t5")
+    index = write_cache(
+        raw,
+        tmp_path / "c",
+        vae,
+        llm=llm,
+        tokenizer=tokenizer,
+        max_length=8,
+        batch_size=4,
+        shard_size=4,
+        progress=False,
+        base="tiny",
+        llm_name="t5",
+    )
     assert (index["count"], index["skipped"], [s["count"] for s in index["shards"]]) == (6, 3, [4, 2])
     assert index["latent_shape"] == [4, 2, 2] and index["resolution"] == R
     assert index["llm"] == {"name": "t5", "hidden_size": 16, "max_length": 8, "truncated_captions": 1}
@@ -346,8 +374,9 @@ def test_cache_round_trip_matches_independent_encoding(folder, models, tmp_path)
     assert batch["keys"] == [s["key"] for s in expected] and batch["captions"] == [s["caption"] for s in expected]
     torch.testing.assert_close(batch["latents"], latents, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(batch["features"], features, atol=2e-3, rtol=2e-3)
-    mask = tokenizer([s["caption"] for s in expected], padding="max_length", truncation=True, max_length=8,
-                     return_tensors="pt")
+    mask = tokenizer(
+        [s["caption"] for s in expected], padding="max_length", truncation=True, max_length=8, return_tensors="pt"
+    )
     assert torch.equal(batch["feature_mask"], mask["attention_mask"].long())
     assert torch.equal(batch["crop_top_left"], torch.stack([s["crop_top_left"] for s in expected]))
     assert batch["latents"].dtype == batch["features"].dtype == torch.float32
@@ -367,8 +396,7 @@ def test_cache_round_trip_matches_independent_encoding(folder, models, tmp_path)
 def test_interrupted_cache_resumes_to_the_same_result(source, request, models, tmp_path):
     vae, llm, tokenizer = models
     path = str(request.getfixturevalue(source))
-    kwargs = {"llm": llm, "tokenizer": tokenizer, "max_length": 8, "batch_size": 3, "shard_size": 2,
-              "progress": False}
+    kwargs = {"llm": llm, "tokenizer": tokenizer, "max_length": 8, "batch_size": 3, "shard_size": 2, "progress": False}
     full = write_cache(open_dataset(path, RAW), tmp_path / "full", vae, **kwargs)
 
     calls, encode = [], vae.encode

@@ -199,8 +199,10 @@ def _spread(model, std: float = 0.3) -> None:
                 param.normal_(0, std)
 
 
-BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"] + sorted(set(
-    "yes no a an the is are there cat cats dog dogs red blue green two one on of in ? . , left right".split()))
+BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"] + sorted(
+    {"yes", "no", "a", "an", "the", "is", "are", "there", "cat", "cats", "dog", "dogs", "red", "blue", "green", "two"}
+    | {"one", "on", "of", "in", "?", ".", ",", "left", "right"}
+)
 
 
 def build_tiny_blip_vqa(path: Path, seed: int = 0) -> Path:
@@ -222,11 +224,21 @@ def build_tiny_blip_vqa(path: Path, seed: int = 0) -> Path:
     (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(vocab_size=len(BLIP_VOCAB), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=32,
-                pad_token_id=ids("[PAD]"), bos_token_id=ids("[DEC]"), sep_token_id=ids("[SEP]"))
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(BLIP_VOCAB),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        encoder_hidden_size=32,
+        pad_token_id=ids("[PAD]"),
+        bos_token_id=ids("[DEC]"),
+        sep_token_id=ids("[SEP]"),
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
@@ -273,25 +285,59 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    words = ["<pad>", "<s>", "</s>", "<unk>", "<image>"] + sorted(set(
-        "USER ASSISTANT : ? . , yes no Yes No is there a cat dog red blue Answer or".split()))
+    words = ["<pad>", "<s>", "</s>", "<unk>", "<image>"] + sorted(
+        {"USER", "ASSISTANT", ":", "?", ".", ",", "yes", "no", "Yes", "No", "is", "there", "a", "cat", "dog", "red"}
+        | {"blue", "Answer", "or"}
+    )
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    template = (
+        "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, chat_template=template,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        chat_template=template,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(path)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=16, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        image_token_id=words.index("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1)
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(words),
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=words.index("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)

@@ -127,11 +127,7 @@ _CLIP_EOS = "<|endoftext|>"
 # --------------------------------------------------------------------------- #
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte -> printable-unicode mapping (same order as CLIP)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

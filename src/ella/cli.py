@@ -9,12 +9,21 @@ import warnings
 
 from . import __version__
 from .errors import EllaError
-from .loading import DEFAULT_BASE, DEFAULT_ELLA_REPO, DEFAULT_LLM, SCHEDULER_ALIASES
+from .hub import DEFAULT_BASE, DEFAULT_ELLA_REPO, DEFAULT_LLM
 from .sample import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_STEPS
+from .schedulers import SCHEDULER_ALIASES
 from .text import DEFAULT_MAX_LENGTH
 
+#: Commands whose flags and work live in the shapes package (the toy world), not in the product.
+SHAPES_COMMANDS = {
+    "shapes": "the shapes world: a complete mini ELLA trained from scratch",
+    "demo": "offline: the shipped mini ELLA draws dense prompts, each question marked",
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ella`` parser. ``argv`` tells which command will run: only the shapes world's own commands
+    import ``ella.shapes`` (to add their flags), so ``ella generate`` never loads the toy world."""
     parser = argparse.ArgumentParser(
         prog="ella",
         description="ELLA: an LLM's language understanding for Stable Diffusion, through a small connector.",
@@ -31,43 +40,66 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="+", help="one or more prompts (dense, detailed prompts are ELLA's strength)")
     gen.add_argument("--negative", default="", help="negative prompt (default: empty, as released)")
     gen.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    gen.add_argument("--guidance", type=float, default=None,
-                     help=f"CFG scale (default {DEFAULT_GUIDANCE}, shapes model 5; lower, e.g. 7, blurs less)")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"CFG scale (default {DEFAULT_GUIDANCE}, shapes model 5; lower, e.g. 7, blurs less)",
+    )
     gen.add_argument("--seed", type=int, default=DEFAULT_SEED, help="image k uses seed + k")
     gen.add_argument("--width", type=int, default=None, help=f"default {DEFAULT_SIZE} (shapes model: 64)")
     gen.add_argument("--height", type=int, default=None, help=f"default {DEFAULT_SIZE} (shapes model: 64)")
-    gen.add_argument("--model", default=None,
-                     help="'shapes' (the mini ELLA shipped in the package) or an exported shapes model dir; "
-                     "replaces --base/--ella/--llm")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="'shapes' (the mini ELLA shipped in the package) or an exported shapes model dir; "
+        "replaces --base/--ella/--llm",
+    )
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument("--out", default="ella-out", help="output directory (default: ./ella-out)")
     tools = gen.add_argument_group("community tools")
-    tools.add_argument("--mode", choices=("ella", "ella+clip"), default="ella",
-                       help="ella+clip: the base's CLIP tokens (77) beside ELLA's (64), so LoRA trigger words and "
-                       "textual inversions work")
-    tools.add_argument("--init-image", default=None, help="img2img: start from this image (resized to --width/--height)")
-    tools.add_argument("--strength", type=float, default=None,
-                       help="img2img/inpainting: 1.0 = from noise, lower keeps more of --init-image (default 0.8)")
+    tools.add_argument(
+        "--mode",
+        choices=("ella", "ella+clip"),
+        default="ella",
+        help="ella+clip: the base's CLIP tokens (77) beside ELLA's (64), so LoRA trigger words and "
+        "textual inversions work",
+    )
+    tools.add_argument(
+        "--init-image", default=None, help="img2img: start from this image (resized to --width/--height)"
+    )
+    tools.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="img2img/inpainting: 1.0 = from noise, lower keeps more of --init-image (default 0.8)",
+    )
     tools.add_argument("--mask", default=None, help="inpainting: white = repaint, black = keep (needs --init-image)")
     tools.add_argument("--controlnet", default=None, help="a diffusers ControlNet (dir or hub id)")
     tools.add_argument("--control-image", default=None, help="the ControlNet's input image (edges, depth, pose ...)")
-    tools.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a diffusers/kohya LoRA .safetensors (or dir), repeatable; SCALE defaults to 1.0")
-    gen.add_argument("--base-config", default=None, help="single-file --base only: diffusers dir or hub id with its "
-                     "component configs (default: inferred from the file, SD 1.5 for SD 1.x)")
+    tools.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a diffusers/kohya LoRA .safetensors (or dir), repeatable; SCALE defaults to 1.0",
+    )
+    gen.add_argument(
+        "--base-config",
+        default=None,
+        help="single-file --base only: diffusers dir or hub id with its "
+        "component configs (default: inferred from the file, SD 1.5 for SD 1.x)",
+    )
     add_model_flags(gen)
     add_bench_parser(sub)
     add_train_parsers(sub)
-    add_shapes_parser(sub)
-    demo = sub.add_parser("demo", help="offline: the shipped mini ELLA draws dense prompts, each question marked",
-                          description="Draws a few held-out shapes-world prompts with the mini model shipped in the "
-                          "package (no download) and writes one PNG with each question's PASS/FAIL.")
-    demo.add_argument("--out", default="ella-demo.png")
-    demo.add_argument("--model", default=None, help="an exported shapes model dir (default: the packaged one)")
-    demo.add_argument("--items", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--steps", type=int, default=25)
-    demo.add_argument("--kind", choices=("ella", "base"), default="ella", help="base: the weak-encoder model alone")
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    for name, summary in SHAPES_COMMANDS.items():
+        shapes_parser = sub.add_parser(name, help=summary)
+        if name == command:
+            from .shapes.cli import add_arguments
+
+            add_arguments(name, shapes_parser)
     return parser
 
 
@@ -159,75 +191,6 @@ def add_train_parsers(sub) -> None:
     cache.add_argument("--seed", type=int, default=0, help="seeds random crops/flips (fixed once cached)")
 
 
-def add_shapes_parser(sub) -> None:
-    from dataclasses import fields
-
-    from .shapes.recipe import Recipe
-
-    shapes = sub.add_parser("shapes", help="the shapes world: a complete mini ELLA trained from scratch")
-    shapes_sub = shapes.add_subparsers(dest="shapes", metavar="ACTION", required=True)
-    rep = shapes_sub.add_parser(
-        "reproduce",
-        help="retrain everything (world, VAE, base UNet, connectors) and score it; resumable",
-        description="Every stage writes under --out and is skipped when its output exists, so the same command "
-        "resumes an interrupted run. --smoke: a CPU-sized run of every stage (seconds).",
-    )
-    rep.add_argument("--smoke", action="store_true")
-    rep.add_argument("--until", default="eval", help="stop after this stage: world, vae, cache, base, connectors, eval")
-    rep.add_argument("--from-bundle", default=None, help="restore trained stages from a bundle dir first")
-    rep.add_argument("--bundle", default=None, help="afterwards, write the trained stages to this dir "
-                     "(≤ 8 files of ≤ 16 MiB: what a GPU call can hand back)")
-    for f in fields(Recipe):
-        if f.name in ("variants",):
-            rep.add_argument("--variants", nargs="+", default=None, help=f"default: {' '.join(f.default)}")
-        else:
-            kind = _yes_no if isinstance(f.default, bool) else float if f.default is None else type(f.default)
-            rep.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
-                             help=f"default: {f.default!r}")
-
-
-def _yes_no(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def cmd_shapes(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import fields, replace
-    from pathlib import Path
-
-    from .shapes.bundle import restore_bundle, write_bundle
-    from .shapes.recipe import Recipe, reproduce
-
-    recipe = Recipe.smoke(args.out or "shapes-smoke") if args.smoke else Recipe()
-    given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
-    if "variants" in given:
-        given["variants"] = tuple(given["variants"])
-    recipe = replace(recipe, **given)
-    if args.from_bundle:
-        print(f"restored {restore_bundle(Path(args.from_bundle), recipe.root)}")
-    result = reproduce(recipe, until=args.until)
-    if args.bundle:
-        print(f"bundle: {[p.name for p in write_bundle(recipe.root, Path(args.bundle))]}")
-    scores = {k: round(v["overall"], 2) for k, v in result.get("scores", {}).items()}
-    print(json.dumps({"scores": scores, "seconds": result["seconds"]}, indent=2))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .shapes.demo import run_demo
-
-    if args.items < 1 or args.steps < 1:
-        raise EllaError("--items and --steps must be at least 1")
-    result = run_demo(args.out, model=args.model, items=args.items, seed=args.seed, steps=args.steps, kind=args.kind)
-    print(f"{result['out']}: {result['questions_passed']}/{result['questions']} questions pass "
-          f"({result['seconds_per_image']} s per image)")
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.config import config_from_args
     from .train.train import main as train_main
@@ -247,35 +210,39 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .loading import load_pipeline, scheduler_class
-    from .sample import SampleSettings, generate_to_dir
+    from .loading import load_pipeline
+    from .sample import SampleSettings, generate_to_dir, kind_for, load_loras, read_inputs
+    from .schedulers import scheduler_class
 
-    shapes = args.model is not None
-    size = 64 if shapes else DEFAULT_SIZE
-    settings = SampleSettings(
-        negative_prompt=args.negative,
-        steps=args.steps,
-        guidance=args.guidance if args.guidance is not None else (5.0 if shapes else DEFAULT_GUIDANCE),
-        width=args.width or size,
-        height=args.height or size,
-        seed=args.seed,
-        num_images=args.num_images,
-        strength=args.strength if args.strength is not None else (0.8 if args.init_image else None),
-        condition_mode=args.mode,
-    )
-    settings.validate()  # before loading gigabytes of weights
     for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise EllaError(f"prompt {i} is empty: describe the image")
-    scheduler_class(args.scheduler)  # an unknown name fails here, before loading gigabytes
-    if shapes:
-        from .shapes.ship import load_shapes_pipeline
+    given = dict(
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        num_images=args.num_images,
+        strength=args.strength,
+        condition_mode=args.mode,
+    )
+    if args.model is not None:  # the shapes world's mini model: its own defaults and checks
+        from .shapes.cli import generate as generate_shapes
 
-        pipe = load_shapes_pipeline(None if args.model == "shapes" else args.model, device=args.device or "cpu")
-        for path in generate_to_dir(pipe, args.prompt, settings, args.out, {"model": args.model}):
-            print(path)
-        return 0
-    from .sample import kind_for, load_loras, read_inputs
+        return generate_shapes(args, given)
+    settings = SampleSettings(
+        **{
+            **given,
+            "guidance": DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+            "width": DEFAULT_SIZE if args.width is None else args.width,
+            "height": DEFAULT_SIZE if args.height is None else args.height,
+            "strength": args.strength if args.strength is not None else (0.8 if args.init_image else None),
+        }
+    )
+    settings.validate()  # before loading gigabytes of weights
+    scheduler_class(args.scheduler)  # an unknown name fails here, before loading gigabytes
 
     kind = kind_for(args.init_image, args.mask, args.controlnet, args.control_image)
     inputs = read_inputs(kind, args.init_image, args.mask, args.control_image, settings.width, settings.height)
@@ -295,8 +262,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mode=args.mode,
         controlnet=args.controlnet,
     )
-    sources = {"base": str(args.base), "ella": str(args.ella), "llm": str(args.llm), "kind": kind,
-               "controlnet": args.controlnet, "lora": load_loras(pipe, args.lora)}
+    sources = {
+        "base": str(args.base),
+        "ella": str(args.ella),
+        "llm": str(args.llm),
+        "kind": kind,
+        "controlnet": args.controlnet,
+        "lora": load_loras(pipe, args.lora),
+    }
     for path in generate_to_dir(pipe, args.prompt, settings, args.out, sources, inputs):
         print(path)
     return 0
@@ -324,7 +297,7 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -333,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(args)
-        commands = {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache, "shapes": cmd_shapes,
-                    "demo": cmd_demo}
+        if args.command in SHAPES_COMMANDS:
+            from .shapes.cli import run
+
+            return run(args)
+        commands = {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache}
         return commands[args.command](args)
     except EllaError as err:
         print(f"ella: error: {err}", file=sys.stderr)

@@ -16,18 +16,21 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import EllaError
+from .hub import resolve_file
+from .io import atomic_path
 
-TimestepsLike = Union[torch.Tensor, int, float, Sequence[int | float]]
+TimestepsLike = torch.Tensor | int | float | Sequence[int | float]
 
 #: The connector variants of the paper's Table 6 ablation, selectable with ``variant=``.
 #: ``tsc`` is the released model; the others exist to reproduce the ablation (and issue 5).
@@ -140,9 +143,7 @@ class PerceiverResampler(nn.Module):
         if time_embed_dim is not None:
             self.time_aware_linear = nn.Linear(time_embed_dim, width)
         self.proj_in = nn.Linear(input_dim, width)
-        self.perceiver_blocks = nn.ModuleList(
-            PerceiverBlock(width, heads, time_embed_dim, norm) for _ in range(layers)
-        )
+        self.perceiver_blocks = nn.ModuleList(PerceiverBlock(width, heads, time_embed_dim, norm) for _ in range(layers))
 
     def forward(self, text, temb, text_mask):
         batch, num_latents = text.shape[0], self.latents.shape[0]
@@ -170,9 +171,7 @@ class MLPConnector(nn.Module):
     def __init__(self, width: int, input_dim: int):
         super().__init__()
         self.mlp = nn.Sequential(
-            OrderedDict(
-                [("fc_1", nn.Linear(input_dim, width)), ("act", nn.GELU()), ("fc_2", nn.Linear(width, width))]
-            )
+            OrderedDict([("fc_1", nn.Linear(input_dim, width)), ("act", nn.GELU()), ("fc_2", nn.Linear(width, width))])
         )
 
     def forward(self, text, temb, text_mask):
@@ -372,11 +371,6 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         The config is read from the tensor shapes, so the released SD1.5 file needs no arguments;
         its weights were trained on fp16 T5 features, recorded as ``text_feature_dtype``.
         """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        from .loading import resolve_file
-
         path = resolve_file(path_or_repo, filename, what="ELLA connector weights")
         try:
             state_dict = load_file(str(path))
@@ -404,10 +398,6 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         The tensors are exactly the release's keys; our config rides along as safetensors metadata
         so that non-default connectors (other variants, head counts) load from one file too.
         """
-        from safetensors.torch import save_file
-
-        from .loading import atomic_path
-
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config = {k: v for k, v in self.config.items() if not k.startswith("_")}
         with atomic_path(path) as tmp:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import EllaError
-from .loading import atomic_path
+from .io import atomic_path
 
 # The official inference.py: DPM-Solver++ multistep, 50 steps, 512x512, guidance 12, seed 1001.
 # (Its gradio demo used 25 steps and guidance 10; users report lower guidance blurs less.)
@@ -80,8 +80,9 @@ def versions() -> dict:
     }
 
 
-def generate_to_dir(pipe, prompts: list[str], settings: SampleSettings, out_dir: str | Path, sources: dict,
-                    inputs: dict | None = None) -> list[Path]:
+def generate_to_dir(
+    pipe, prompts: list[str], settings: SampleSettings, out_dir: str | Path, sources: dict, inputs: dict | None = None
+) -> list[Path]:
     """Generate ``num_images`` per prompt; write ``NNN-<slug>-seed<S>.png`` + ``.json`` atomically.
 
     ``sources`` names the models (base/ella/llm as given) for the sidecar; ``inputs`` are extra
@@ -96,10 +97,18 @@ def generate_to_dir(pipe, prompts: list[str], settings: SampleSettings, out_dir:
     device = pipe._execution_device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     accepted = call_parameters(pipe)
-    call = {"negative_prompt": settings.negative_prompt, "num_inference_steps": settings.steps,
-            "guidance_scale": settings.guidance, "num_images_per_prompt": n, "generator": generators,
-            "output_type": "pil", "width": settings.width, "height": settings.height,
-            "strength": settings.strength, "condition_mode": settings.condition_mode}
+    call = {
+        "negative_prompt": settings.negative_prompt,
+        "num_inference_steps": settings.steps,
+        "guidance_scale": settings.guidance,
+        "num_images_per_prompt": n,
+        "generator": generators,
+        "output_type": "pil",
+        "width": settings.width,
+        "height": settings.height,
+        "strength": settings.strength,
+        "condition_mode": settings.condition_mode,
+    }
     call = {k: v for k, v in call.items() if k in accepted and v is not None}
     if settings.condition_mode != "ella" and "condition_mode" not in accepted:
         raise EllaError(f"condition mode {settings.condition_mode!r} needs an ELLA pipeline")
@@ -160,8 +169,9 @@ def kind_for(init_image: str | None, mask: str | None, controlnet: str | None, c
     return ("inpaint" if mask else "img2img") if init_image else "txt2img"
 
 
-def read_inputs(kind: str, init_image: str | None, mask: str | None, control_image: str | None,
-                width: int, height: int) -> dict:
+def read_inputs(
+    kind: str, init_image: str | None, mask: str | None, control_image: str | None, width: int, height: int
+) -> dict:
     """``{call name: (RGB image at width x height, path)}`` for :func:`generate_to_dir`."""
     from PIL import Image, UnidentifiedImageError
 
@@ -185,7 +195,9 @@ def load_loras(pipe, specs: list[str]) -> list[dict]:
         try:
             weight = float(scale) if scale else 1.0
         except ValueError:
-            raise EllaError(f"--lora {spec!r}: the scale after ':' must be a number, e.g. style.safetensors:0.8") from None
+            raise EllaError(
+                f"--lora {spec!r}: the scale after ':' must be a number, e.g. style.safetensors:0.8"
+            ) from None
         if not Path(path).exists():
             raise EllaError(f"--lora {path!r} does not exist (a LoRA .safetensors file or a diffusers LoRA dir)")
         target = Path(path)

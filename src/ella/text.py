@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import EllaError
-from .loading import DEFAULT_LLM, loading
+from .hub import DEFAULT_LLM, loading
 
 DEFAULT_MAX_LENGTH = 128  # release fact: T5 features padded/truncated to 128 tokens
 
@@ -84,14 +84,17 @@ def load_llm(
     device: str | torch.device | None = None,
 ):
     """Load ``(model, tokenizer)``; for encoder-decoder models only the encoder (what ELLA reads)."""
-    import transformers
+    import transformers  # heavy: the CLI imports this module for its defaults, before any model is needed
 
     with loading("LLM", str(name_or_path)):
         config = transformers.AutoConfig.from_pretrained(name_or_path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
         if _is_t5_family(config):
-            cls = {"t5": transformers.T5EncoderModel, "mt5": transformers.MT5EncoderModel,
-                   "umt5": transformers.UMT5EncoderModel}[config.model_type]
+            cls = {
+                "t5": transformers.T5EncoderModel,
+                "mt5": transformers.MT5EncoderModel,
+                "umt5": transformers.UMT5EncoderModel,
+            }[config.model_type]
         elif getattr(config, "is_encoder_decoder", False):
             raise EllaError(
                 f"{name_or_path}: encoder-decoder model type {config.model_type!r} is not supported; "
@@ -128,15 +131,21 @@ class Tokens:
     lengths: list[int]
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH,
-             flexible: bool = False) -> Tokens:
+def tokenize(
+    tokenizer, prompts: str | Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH, flexible: bool = False
+) -> Tokens:
     """Prompts -> :class:`Tokens`, padded to ``max_length`` (fixed) or to the longest prompt (flexible)."""
     prompts = _check_prompts(prompts)
     if max_length < 1:
         raise EllaError(f"max_length must be at least 1, got {max_length}")
     full = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    tokens = tokenizer(prompts, padding="longest" if flexible else "max_length", truncation=True,
-                       max_length=max_length, return_tensors="pt")
+    tokens = tokenizer(
+        prompts,
+        padding="longest" if flexible else "max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
     return Tokens(tokens["input_ids"], tokens["attention_mask"], [len(ids) for ids in full])
 
 
@@ -144,8 +153,12 @@ def warn_truncated(prompts: Sequence[str], tokens: Tokens, max_length: int) -> N
     """Silently dropping the end of a dense prompt is the classic "ELLA ignored half my prompt" bug."""
     for i, n in enumerate(tokens.lengths):
         if n > max_length:
-            warnings.warn(f"prompt {i} has {n} tokens; the last {n - max_length} were dropped "
-                          f"(max_length={max_length}): {prompts[i][:60]!r}...", PromptTruncatedWarning, stacklevel=3)
+            warnings.warn(
+                f"prompt {i} has {n} tokens; the last {n - max_length} were dropped "
+                f"(max_length={max_length}): {prompts[i][:60]!r}...",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
 
 
 @torch.no_grad()
@@ -153,8 +166,9 @@ def encode_tokens(model, tokens: Tokens, *, flexible: bool = False, hidden_layer
     """:class:`Tokens` -> :class:`TextFeatures`, on the model's device."""
     device = next(model.parameters()).device
     mask = tokens.attention_mask.to(device)
-    out = model(input_ids=tokens.input_ids.to(device), attention_mask=mask,
-                output_hidden_states=hidden_layer is not None)
+    out = model(
+        input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=hidden_layer is not None
+    )
     states = out.last_hidden_state if hidden_layer is None else out.hidden_states[hidden_layer]
     return TextFeatures(states, mask if flexible else None)
 

@@ -68,9 +68,13 @@ class Benchmark:
     ignored_parents: list[str] = field(default_factory=list)  # dependency entries that are not ids
 
     def settings(self) -> dict:
-        return {"benchmark": self.name, "csv": str(self.csv_path), "csv_blob": self.csv_blob,
-                "official_csv": self.csv_blob == {"dpg": DPG_CSV_BLOB, "dsg1k": DSG1K_CSV_BLOB}.get(self.name),
-                "ignored_dependency_entries": self.ignored_parents}
+        return {
+            "benchmark": self.name,
+            "csv": str(self.csv_path),
+            "csv_blob": self.csv_blob,
+            "official_csv": self.csv_blob == {"dpg": DPG_CSV_BLOB, "dsg1k": DSG1K_CSV_BLOB}.get(self.name),
+            "ignored_dependency_entries": self.ignored_parents,
+        }
 
 
 def item_sort_key(item_id: str) -> tuple:
@@ -137,7 +141,9 @@ def read_questions(csv_path: str | Path, *, official_compat: bool = False) -> tu
     return questions, texts, skipped, ignored
 
 
-def load_benchmark(name: str = "dpg", csv_path: str | Path | None = None, *, official_compat: bool = False) -> Benchmark:
+def load_benchmark(
+    name: str = "dpg", csv_path: str | Path | None = None, *, official_compat: bool = False
+) -> Benchmark:
     """DPG-Bench (packaged prompts + the user's official ``dpg_bench.csv``) or DSG-1k (all packaged)."""
     if name not in BENCHMARKS:
         raise EllaError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)}")
@@ -150,8 +156,7 @@ def load_benchmark(name: str = "dpg", csv_path: str | Path | None = None, *, off
     questions, texts, skipped, ignored = read_questions(path, official_compat=official_compat)
     if ignored:
         warnings.warn(
-            f"{path}: {len(ignored)} dependency entries are not proposition ids and were ignored "
-            f"(e.g. {ignored[0]})",
+            f"{path}: {len(ignored)} dependency entries are not proposition ids and were ignored (e.g. {ignored[0]})",
             BenchmarkDataWarning,
             stacklevel=2,
         )

@@ -57,8 +57,15 @@ def find_image(images_dir: Path, item_id: str) -> Path | None:
     return None
 
 
-def score_item(benchmark: Benchmark, item_id: str, image_path: Path, vqa: Callable, *,
-               official_compat: bool = False, tiles: int = 4) -> dict:
+def score_item(
+    benchmark: Benchmark,
+    item_id: str,
+    image_path: Path,
+    vqa: Callable,
+    *,
+    official_compat: bool = False,
+    tiles: int = 4,
+) -> dict:
     """One item: answers per tile and question, tile scores after the dependency rule."""
     questions = benchmark.questions[item_id]
     with Image.open(image_path) as grid:
@@ -93,7 +100,7 @@ def aggregate(benchmark: Benchmark, items: dict[str, dict], errors: list[dict], 
             for q, answer in zip(benchmark.questions[item_id], tile_answers):
                 l1[q.category].append(is_yes(answer, official_compat))
                 l2[q.subcategory].append(is_yes(answer, official_compat))
-    mean = lambda xs: 100.0 * sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    mean = lambda xs: 100.0 * sum(xs) / len(xs) if xs else float("nan")
     return {
         "benchmark": benchmark.name,
         "overall": mean([r["score"] for r in items.values()]),
@@ -103,13 +110,25 @@ def aggregate(benchmark: Benchmark, items: dict[str, dict], errors: list[dict], 
         "errors": errors,
         "num_items": len(items),
         "num_items_expected": len(benchmark.questions),
-        "settings": {**benchmark.settings(), "official_compat": official_compat,
-                     "skipped_csv_rows": benchmark.skipped_rows, "tile_order": TILE_ORDER},
+        "settings": {
+            **benchmark.settings(),
+            "official_compat": official_compat,
+            "skipped_csv_rows": benchmark.skipped_rows,
+            "tile_order": TILE_ORDER,
+        },
     }
 
 
-def score_items(benchmark: Benchmark, images_dir: str | Path, vqa: Callable, *, official_compat: bool = False,
-                tiles: int = 4, item_ids: list[str] | None = None, progress: bool = False) -> tuple[dict, list]:
+def score_items(
+    benchmark: Benchmark,
+    images_dir: str | Path,
+    vqa: Callable,
+    *,
+    official_compat: bool = False,
+    tiles: int = 4,
+    item_ids: list[str] | None = None,
+    progress: bool = False,
+) -> tuple[dict, list]:
     """Per-item records and errors for ``item_ids`` (default: every item of the benchmark)."""
     images_dir = Path(images_dir)
     items, errors = {}, []
@@ -130,14 +149,21 @@ def score_items(benchmark: Benchmark, images_dir: str | Path, vqa: Callable, *, 
     return items, errors
 
 
-def score(images_dir: str | os.PathLike, csv_path: str | os.PathLike | None, vqa: Callable, *,
-          official_compat: bool = False, benchmark: str = "dpg", tiles: int = 4, progress: bool = False) -> dict:
+def score(
+    images_dir: str | os.PathLike,
+    csv_path: str | os.PathLike | None,
+    vqa: Callable,
+    *,
+    official_compat: bool = False,
+    benchmark: str = "dpg",
+    tiles: int = 4,
+    progress: bool = False,
+) -> dict:
     """Score a folder of ``<item_id>.png`` 2x2 grids; ``vqa(image, question) -> str`` (``.batch`` used if present).
 
     Returns ``overall``, ``categories`` (L1), ``subcategories`` (L2), ``items``, ``errors``,
     ``num_items`` / ``num_items_expected`` and ``settings``; scores are 0-100 (items 0-1).
     """
     bench = load_benchmark(benchmark, csv_path, official_compat=official_compat)
-    items, errors = score_items(bench, images_dir, vqa, official_compat=official_compat, tiles=tiles,
-                                progress=progress)
+    items, errors = score_items(bench, images_dir, vqa, official_compat=official_compat, tiles=tiles, progress=progress)
     return aggregate(bench, items, errors, official_compat=official_compat)

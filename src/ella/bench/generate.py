@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import EllaError
-from ..loading import atomic_path
+from ..io import atomic_path
 from ..sample import versions
 from .data import item_sort_key
 
@@ -49,8 +49,9 @@ def check_manifest(out_dir: Path, manifest: dict, write: bool) -> None:
     path = out_dir / "manifest.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
-                   if old["settings"].get(k) != v}
+        changed = {
+            k: (old["settings"].get(k), v) for k, v in manifest["settings"].items() if old["settings"].get(k) != v
+        }
         if changed:
             detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise EllaError(f"{out_dir} was generated with other settings ({detail}); use another output folder")
@@ -98,8 +99,15 @@ def generate_grids(
     written = []
     for item_id in todo:
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        images = pipe(prompts[item_id], num_images_per_prompt=TILES, generator=generators, height=tile_size,
-                      width=tile_size, output_type="pil", **call_kwargs).images
+        images = pipe(
+            prompts[item_id],
+            num_images_per_prompt=TILES,
+            generator=generators,
+            height=tile_size,
+            width=tile_size,
+            output_type="pil",
+            **call_kwargs,
+        ).images
         with atomic_path(out_dir / f"{item_id}.png") as tmp:
             make_grid(images).save(tmp, format="PNG")
         written.append(out_dir / f"{item_id}.png")

@@ -12,8 +12,8 @@ import math
 import os
 from pathlib import Path
 
-from ella.errors import EllaError
-from ella.loading import atomic_path
+from ..errors import EllaError
+from ..io import atomic_path
 
 # Published DPG-Bench overall scores, for context only (no per-category numbers are copied).
 # SD1.5 .. DALL-E 3: ELLA paper (Hu et al., 2024, arXiv:2403.05135), Table 4.
@@ -71,8 +71,14 @@ def to_markdown(result: dict) -> str:
     bench = str(result.get("benchmark", "?"))
     n, expected = result.get("num_items", 0), result.get("num_items_expected", "?")
     errors = result.get("errors") or []
-    out = [f"# {bench.upper()} report", "", f"**Overall: {_fmt(result['overall'])}** / 100", "",
-           f"- Items scored: {n} / {expected}", f"- Errors: {len(errors)}"]
+    out = [
+        f"# {bench.upper()} report",
+        "",
+        f"**Overall: {_fmt(result['overall'])}** / 100",
+        "",
+        f"- Items scored: {n} / {expected}",
+        f"- Errors: {len(errors)}",
+    ]
     for err in errors[:_MAX_ERRORS_LISTED]:
         out.append(f"  - `{err.get('item_id', '?')}`: {err.get('error', '')}")
     if len(errors) > _MAX_ERRORS_LISTED:
@@ -87,8 +93,13 @@ def to_markdown(result: dict) -> str:
     if settings:
         out += ["", "## Settings", ""] + [f"- {k}: `{v}`" for k, v in sorted(settings.items())]
     if bench == "dpg":
-        out += ["", "## Published DPG-Bench overall scores", "",
-                "ELLA paper Table 4 (SD1.5 to DALL-E 3); SD3-Medium and FLUX.1-dev as reported in later papers.", ""]
+        out += [
+            "",
+            "## Published DPG-Bench overall scores",
+            "",
+            "ELLA paper Table 4 (SD1.5 to DALL-E 3); SD3-Medium and FLUX.1-dev as reported in later papers.",
+            "",
+        ]
         out += _table(["Model", "Overall"], [[name, _fmt(s)] for name, s in paper_rows_with(result["overall"])])
     return "\n".join(out) + "\n"
 
@@ -153,8 +164,10 @@ def compare(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> str:
     if diffs:
         out += [f"**Warning: runs differ in settings that matter:** {'; '.join(diffs)}", ""]
     header = ["", na, nb, f"Δ ({nb} − {na})"]
-    rows = [["**overall**", _fmt(a["overall"]), _fmt(b["overall"]), _delta(a["overall"], b["overall"])],
-            ["items scored", str(a.get("num_items")), str(b.get("num_items")), ""]]
+    rows = [
+        ["**overall**", _fmt(a["overall"]), _fmt(b["overall"]), _delta(a["overall"], b["overall"])],
+        ["items scored", str(a.get("num_items")), str(b.get("num_items")), ""],
+    ]
     for level in ("categories", "subcategories"):
         ca, cb = a.get(level) or {}, b.get(level) or {}
         for key in sorted(set(ca) | set(cb)):

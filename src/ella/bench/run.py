@@ -39,18 +39,48 @@ def generate(args: argparse.Namespace) -> int:
         pipe = load_plain_pipeline(args.base, device=device, dtype=args.dtype, scheduler=args.scheduler)
         models = {"pipeline": "plain", "base": str(args.base)}
     else:
-        pipe = load_pipeline(args.base, args.ella, args.llm, device=device, dtype=args.dtype, llm_dtype=args.dtype,
-                             scheduler=args.scheduler, max_length=args.max_length, flexible=args.flexible,
-                             hidden_layer=args.llm_layer)
-        models = {"pipeline": "ella", "base": str(args.base), "ella": str(args.ella), "llm": str(args.llm),
-                  "llm_max_length": args.max_length, "llm_flexible": args.flexible, "llm_layer": args.llm_layer}
+        pipe = load_pipeline(
+            args.base,
+            args.ella,
+            args.llm,
+            device=device,
+            dtype=args.dtype,
+            llm_dtype=args.dtype,
+            scheduler=args.scheduler,
+            max_length=args.max_length,
+            flexible=args.flexible,
+            hidden_layer=args.llm_layer,
+        )
+        models = {
+            "pipeline": "ella",
+            "base": str(args.base),
+            "ella": str(args.ella),
+            "llm": str(args.llm),
+            "llm_max_length": args.max_length,
+            "llm_flexible": args.flexible,
+            "llm_layer": args.llm_layer,
+        }
     pipe.set_progress_bar_config(disable=True)
-    settings = {"benchmark": args.benchmark, **models, "scheduler": type(pipe.scheduler).__name__,
-                "dtype": str(pipe.unet.dtype), "base_seed": args.seed, "limit": args.limit}
+    settings = {
+        "benchmark": args.benchmark,
+        **models,
+        "scheduler": type(pipe.scheduler).__name__,
+        "dtype": str(pipe.unet.dtype),
+        "base_seed": args.seed,
+        "limit": args.limit,
+    }
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "negative_prompt": args.negative}
-    written = generate_grids(pipe, prompts, args.out, settings=settings, base_seed=args.seed,
-                             tile_size=args.tile_size, call_kwargs=call,
-                             shard=(state.process_index, state.num_processes), is_main=state.is_main_process)
+    written = generate_grids(
+        pipe,
+        prompts,
+        args.out,
+        settings=settings,
+        base_seed=args.seed,
+        tile_size=args.tile_size,
+        call_kwargs=call,
+        shard=(state.process_index, state.num_processes),
+        is_main=state.is_main_process,
+    )
     print(f"wrote {len(written)} grids to {args.out} (shard {state.process_index}/{state.num_processes})")
     return 0
 
@@ -69,18 +99,28 @@ def score(args: argparse.Namespace) -> int:
         raise EllaError(f"{images} is not a folder of <item_id>.png grids")
     bench = load_benchmark(args.benchmark, args.csv, official_compat=args.official_compat)
     state = _state(args.device)
-    vqa = CachedVQA(load_vqa(args.vqa, device=args.device or str(state.device)),
-                    Path(args.cache) if args.cache else images / ".vqa-cache",
-                    writer=f"rank{state.process_index}" if state.num_processes > 1 else "")
+    vqa = CachedVQA(
+        load_vqa(args.vqa, device=args.device or str(state.device)),
+        Path(args.cache) if args.cache else images / ".vqa-cache",
+        writer=f"rank{state.process_index}" if state.num_processes > 1 else "",
+    )
     ids = shard_items(list(bench.questions), state.process_index, state.num_processes)
-    items, errors = score_items(bench, images, vqa, official_compat=args.official_compat, tiles=args.tiles,
-                                item_ids=ids, progress=state.is_main_process)
+    items, errors = score_items(
+        bench,
+        images,
+        vqa,
+        official_compat=args.official_compat,
+        tiles=args.tiles,
+        item_ids=ids,
+        progress=state.is_main_process,
+    )
     all_items = {k: v for part in gather_object([items]) for k, v in part.items()}
     all_errors = [e for part in gather_object([errors]) for e in part]
     if not state.is_main_process:
         return 0
-    result = aggregate(bench, all_items, sorted(all_errors, key=lambda e: e["item_id"]),
-                       official_compat=args.official_compat)
+    result = aggregate(
+        bench, all_items, sorted(all_errors, key=lambda e: e["item_id"]), official_compat=args.official_compat
+    )
     result["settings"].update({"images": str(images), "vqa": vqa.name, "tiles": args.tiles})
     paths = write_report(result, Path(args.out) if args.out else images / "report")
     print(to_markdown(result))
@@ -92,6 +132,11 @@ def compare(args: argparse.Namespace) -> int:
     from .report import compare as compare_results
     from .report import load_result
 
-    print(compare_results(load_result(args.a), load_result(args.b), names=(Path(args.a).parent.name or args.a,
-                                                                           Path(args.b).parent.name or args.b)))
+    print(
+        compare_results(
+            load_result(args.a),
+            load_result(args.b),
+            names=(Path(args.a).parent.name or args.a, Path(args.b).parent.name or args.b),
+        )
+    )
     return 0

@@ -75,7 +75,7 @@ class VQABackend:
         for _, group in itertools.groupby(sorted(range(len(images)), key=lengths.__getitem__), lengths.__getitem__):
             idx = list(group)
             for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
+                chunk = idx[start : start + self.batch_size]
                 for i, answer in zip(chunk, self._answer([images[i] for i in chunk], [questions[i] for i in chunk])):
                     answers[i] = answer
         return [normalize_answer(a) for a in answers]
@@ -93,7 +93,7 @@ class VQABackend:
 
 def _device_dtype(device, dtype):
     """fp16 on CUDA, fp32 on CPU unless told otherwise (the project-wide convention)."""
-    from ..loading import default_device, resolve_dtype
+    from ..devices import default_device, resolve_dtype
 
     device = str(device or default_device())
     return device, resolve_dtype(dtype, device)
@@ -123,20 +123,30 @@ class _HFBackend(VQABackend):
         with torch.inference_mode():
             ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         prompt = inputs.get("input_ids")
-        if strip_prompt and prompt is not None and ids.shape[1] >= prompt.shape[1] and \
-                torch.equal(ids[:, : prompt.shape[1]], prompt):  # decoder-only models echo the prompt
-            ids = ids[:, prompt.shape[1]:]
+        if (
+            strip_prompt
+            and prompt is not None
+            and ids.shape[1] >= prompt.shape[1]
+            and torch.equal(ids[:, : prompt.shape[1]], prompt)
+        ):  # decoder-only models echo the prompt
+            ids = ids[:, prompt.shape[1] :]
         return self.processor.batch_decode(ids, skip_special_tokens=True)
 
 
 class BlipVQA(_HFBackend):
     """BLIP VQA (transformers ``BlipForQuestionAnswering``): no extra dependency, a good offline stand-in."""
 
-    def __init__(self, model_id: str | os.PathLike = DEFAULT_BLIP, device: str | None = None, dtype=None,
-                 batch_size: int = 16, max_new_tokens: int = 10):
+    def __init__(
+        self,
+        model_id: str | os.PathLike = DEFAULT_BLIP,
+        device: str | None = None,
+        dtype=None,
+        batch_size: int = 16,
+        max_new_tokens: int = 10,
+    ):
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
-        from ..loading import loading
+        from ..hub import loading
 
         self.device, self.dtype = _device_dtype(device, dtype)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -147,8 +157,9 @@ class BlipVQA(_HFBackend):
         self.model.to(self.device).eval()
 
     def _answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
-        inputs = self.processor(images=[im.convert("RGB") for im in images], text=questions,
-                                return_tensors="pt", padding=True)
+        inputs = self.processor(
+            images=[im.convert("RGB") for im in images], text=questions, return_tensors="pt", padding=True
+        )
         return self._generate(inputs, strip_prompt=False)
 
 
@@ -160,12 +171,18 @@ class TransformersVLM(_HFBackend):
     begin with yes/no ("Yes, there is a cat.") are cut to that word, which is what the scorer checks.
     """
 
-    def __init__(self, model_id: str | os.PathLike, device: str | None = None, dtype=None,
-                 prompt_template: str = DEFAULT_PROMPT, batch_size: int = 8,
-                 max_new_tokens: int = 8):
+    def __init__(
+        self,
+        model_id: str | os.PathLike,
+        device: str | None = None,
+        dtype=None,
+        prompt_template: str = DEFAULT_PROMPT,
+        batch_size: int = 8,
+        max_new_tokens: int = 8,
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from ..loading import loading
+        from ..hub import loading
 
         self.device, self.dtype = _device_dtype(device, dtype)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -189,8 +206,12 @@ class TransformersVLM(_HFBackend):
         return text
 
     def _answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
-        inputs = self.processor(images=[im.convert("RGB") for im in images], text=[self._text(q) for q in questions],
-                                return_tensors="pt", padding=True)
+        inputs = self.processor(
+            images=[im.convert("RGB") for im in images],
+            text=[self._text(q) for q in questions],
+            return_tensors="pt",
+            padding=True,
+        )
         return [first_yes_no(a) for a in self._generate(inputs, strip_prompt=True)]
 
 
@@ -210,7 +231,8 @@ class MplugVQA(VQABackend):
             from modelscope.utils.constant import Tasks
         except ImportError:
             raise EllaError(MPLUG_HINT) from None
-        from ..loading import default_device, is_local
+        from ..devices import default_device
+        from ..hub import is_local
 
         device = str(device or default_device())  # modelscope takes cpu, cuda, cuda:N
         self.name = f"mplug:{_ident(model_id)}"
@@ -234,8 +256,12 @@ class FakeVQA(VQABackend):
     """Deterministic answers from a rule, for tests and docs: a dict question -> answer (``default``
     otherwise) or a callable ``(image, question) -> answer``. Counts what it was asked."""
 
-    def __init__(self, rule: Mapping[str, str] | Callable[[Image.Image, str], str] | None = None,
-                 default: str = "no", name: str = "fake"):
+    def __init__(
+        self,
+        rule: Mapping[str, str] | Callable[[Image.Image, str], str] | None = None,
+        default: str = "no",
+        name: str = "fake",
+    ):
         self.rule, self.default, self.name = rule or {}, default, name
         self.calls = 0  # questions answered (the cache tests check the backend is not asked again)
         self.batch_sizes: list[int] = []
@@ -287,8 +313,14 @@ class CachedVQA(VQABackend):
     distinct ``writer`` names: each appends to its own file and reads everyone's.
     """
 
-    def __init__(self, backend: VQA, cache_dir: str | os.PathLike, name: str | None = None, flush_every: int = 64,
-                 writer: str = ""):
+    def __init__(
+        self,
+        backend: VQA,
+        cache_dir: str | os.PathLike,
+        name: str | None = None,
+        flush_every: int = 64,
+        writer: str = "",
+    ):
         self.backend, self.flush_every = backend, flush_every
         self.name = name or getattr(backend, "name", None)
         if not self.name:
@@ -330,15 +362,16 @@ class CachedVQA(VQABackend):
         self.hits += len(keys) - len(todo)
         misses = list(todo.values())
         for start in range(0, len(misses), self.flush_every):
-            idx = misses[start:start + self.flush_every]
+            idx = misses[start : start + self.flush_every]
             answers = ask_batch(self.backend, [images[i] for i in idx], [questions[i] for i in idx])
             self._append([(keys[i], a) for i, a in zip(idx, answers)])
         return [self._answers[key] for key in keys]
 
     def _append(self, rows: list[tuple[tuple[str, str], str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps({"image": img, "question": q, "backend": self.name, "answer": a}) + "\n"
-                        for (img, q), a in rows)
+        lines = "".join(
+            json.dumps({"image": img, "question": q, "backend": self.name, "answer": a}) + "\n" for (img, q), a in rows
+        )
         with open(self.path, "ab") as f:
             if self._valid_bytes is not None:
                 f.truncate(self._valid_bytes)

@@ -1,6 +1,6 @@
 """diffusers pipelines with ELLA conditioning; all share :class:`~ella.pipelines.base.EllaMixin`."""
 
-from .base import CONDITION_MODES, EllaMixin, check_mode, ella_pipeline_class
+from .base import CONDITION_MODES, EllaMixin, check_mode
 from .stable_diffusion import (
     EllaStableDiffusionControlNetImg2ImgPipeline,
     EllaStableDiffusionControlNetPipeline,
@@ -32,8 +32,19 @@ PIPELINE_KINDS_XL = {
 }
 
 __all__ = [
-    "CONDITION_MODES", "PIPELINE_KINDS", "PIPELINE_KINDS_XL", "EllaMixin", "check_mode", "EllaStableDiffusionControlNetImg2ImgPipeline",
-    "EllaStableDiffusionControlNetPipeline", "EllaStableDiffusionImg2ImgPipeline", "EllaStableDiffusionInpaintPipeline",
-    "EllaStableDiffusionPipeline", "EllaStableDiffusionXLControlNetPipeline", "EllaStableDiffusionXLImg2ImgPipeline",
-    "EllaStableDiffusionXLInpaintPipeline", "EllaStableDiffusionXLPipeline", "EllaXLMixin", "ella_pipeline_class",
+    "CONDITION_MODES",
+    "PIPELINE_KINDS",
+    "PIPELINE_KINDS_XL",
+    "EllaMixin",
+    "EllaStableDiffusionControlNetImg2ImgPipeline",
+    "EllaStableDiffusionControlNetPipeline",
+    "EllaStableDiffusionImg2ImgPipeline",
+    "EllaStableDiffusionInpaintPipeline",
+    "EllaStableDiffusionPipeline",
+    "EllaStableDiffusionXLControlNetPipeline",
+    "EllaStableDiffusionXLImg2ImgPipeline",
+    "EllaStableDiffusionXLInpaintPipeline",
+    "EllaStableDiffusionXLPipeline",
+    "EllaXLMixin",
+    "check_mode",
 ]

@@ -1,6 +1,7 @@
 """What every ELLA pipeline shares: LLM encoding, the condition table, and the UNet feed.
 
-A pipeline class is ``class EllaX(EllaMixin, diffusers.X)``: the mixin overrides ``encode_prompt``
+A pipeline class is ``class EllaX(EllaMixin, diffusers.X)``, declared in ``stable_diffusion.py`` /
+``stable_diffusion_xl.py``: the mixin overrides ``encode_prompt``
 (LLM + connector instead of CLIP) and wraps ``__call__`` so the UNet (and ControlNet) receive the
 per-timestep condition; the diffusers loop, schedulers, LoRA/IP-Adapter loaders, callbacks and
 ``output_type`` handling are the parent's, unchanged.
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import ClassVar
 
 import torch
+from diffusers import DiffusionPipeline
 
 from ..conditioning import ClipPart, ConditionTable, feed_conditions, placeholder_embeds
 from ..errors import EllaError
@@ -25,27 +28,62 @@ ELLA_COMPONENTS = ["connector", "llm", "llm_tokenizer"]
 CONDITION_MODES = ("ella", "ella+clip")
 #: ``__init__`` arguments every ELLA pipeline adds to its diffusers parent (all saved in model_index.json).
 ELLA_INIT_DEFAULTS = {
-    "connector": None, "llm": None, "llm_tokenizer": None, "llm_max_length": DEFAULT_MAX_LENGTH,
-    "llm_flexible": False, "llm_hidden_layer": None, "condition_mode": "ella", "clip_first": True,
+    "connector": None,
+    "llm": None,
+    "llm_tokenizer": None,
+    "llm_max_length": DEFAULT_MAX_LENGTH,
+    "llm_flexible": False,
+    "llm_hidden_layer": None,
+    "condition_mode": "ella",
+    "clip_first": True,
 }
 #: Per-call options our ``__call__`` accepts on top of the parent's (defaults: the pipeline config).
 CALL_OPTIONS = ("condition_mode", "clip_first", "clip_scale", "ella_scale")
 
 
 class EllaMixin:
-    """Turns a diffusers text-to-image pipeline into an ELLA one (see module docstring)."""
+    """Turns a diffusers text-to-image pipeline into an ELLA one (see module docstring).
+
+    Declaring ``class EllaX(EllaMixin, diffusers.X)`` is all a new pipeline kind needs: the class
+    gets ``X.__init__`` plus the ELLA components (connector, llm, llm_tokenizer) and options, and
+    the CLIP text encoder(s) become optional (ELLA replaces them; ``ella+clip`` mode uses them).
+    """
 
     _ella_table: ConditionTable | None = None
-    _ella_options: dict = {}
+    _ella_options: ClassVar[dict] = {}  # per call; __call__ sets and clears it
     _warned_feature_dtype = False
 
-    def _register_ella(self, connector, llm, llm_tokenizer, llm_max_length, llm_flexible, llm_hidden_layer,
-                       condition_mode="ella", clip_first=True):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        parent = next(
+            (b for b in cls.__mro__[1:] if issubclass(b, DiffusionPipeline) and not issubclass(b, EllaMixin)), None
+        )
+        if parent is None:  # another mixin (EllaXLMixin): the pipeline classes below it get the __init__
+            return
+        cls.__init__ = _ella_init(parent)
+        params = inspect.signature(parent.__init__).parameters
+        clip = [p for p in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if p in params]
+        cls._optional_components = list(dict.fromkeys(parent._optional_components + clip + ELLA_COMPONENTS))
+
+    def _register_ella(
+        self,
+        connector,
+        llm,
+        llm_tokenizer,
+        llm_max_length,
+        llm_flexible,
+        llm_hidden_layer,
+        condition_mode="ella",
+        clip_first=True,
+    ):
         check_mode(condition_mode)
         self.register_modules(connector=connector, llm=llm, llm_tokenizer=llm_tokenizer)
         self.register_to_config(
-            llm_max_length=llm_max_length, llm_flexible=llm_flexible, llm_hidden_layer=llm_hidden_layer,
-            condition_mode=condition_mode, clip_first=clip_first,
+            llm_max_length=llm_max_length,
+            llm_flexible=llm_flexible,
+            llm_hidden_layer=llm_hidden_layer,
+            condition_mode=condition_mode,
+            clip_first=clip_first,
         )
         self.check_compatible()
 
@@ -123,7 +161,9 @@ class EllaMixin:
         else:
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts):
-                raise EllaError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one or one each")
+                raise EllaError(
+                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one or one each"
+                )
 
         texts = prompts + (negatives if do_classifier_free_guidance else [])
         unique = list(dict.fromkeys(texts))
@@ -133,11 +173,18 @@ class EllaMixin:
         clean = [strip_prompt_weights(t) for t in unique]
         changed = [(a, b) for a, b in zip(unique, clean) if a != b]
         if changed:
-            warnings.warn(f"prompt weights are not supported (an LLM reads words, not weights); removed the markup: "
-                          f"{changed[0][0]!r} -> {changed[0][1]!r}", PromptWeightsWarning, stacklevel=3)
+            warnings.warn(
+                f"prompt weights are not supported (an LLM reads words, not weights); removed the markup: "
+                f"{changed[0][0]!r} -> {changed[0][1]!r}",
+                PromptWeightsWarning,
+                stacklevel=3,
+            )
         self._ella_table = ConditionTable(
-            self.connector, self.encode_text(clean), timesteps=lambda: self.scheduler.timesteps,
-            clip=self._clip_part(clean, device, lora_scale, clip_skip), pooled=self._pooled_from_connector(),
+            self.connector,
+            self.encode_text(clean),
+            timesteps=lambda: self.scheduler.timesteps,
+            clip=self._clip_part(clean, device, lora_scale, clip_skip),
+            pooled=self._pooled_from_connector(),
         )
         row = {text: i for i, text in enumerate(unique)}
 
@@ -153,12 +200,15 @@ class EllaMixin:
         mode = opts.get("condition_mode", self.config.condition_mode)
         if mode == "ella":
             if opts.get("clip_scale") is not None or opts.get("ella_scale") is not None:
-                raise EllaError("clip_scale/ella_scale weigh the parts of condition_mode='ella+clip'; "
-                                "this call runs in 'ella' mode")
+                raise EllaError(
+                    "clip_scale/ella_scale weigh the parts of condition_mode='ella+clip'; this call runs in 'ella' mode"
+                )
             return None
         if getattr(self, "text_encoder", None) is None or getattr(self, "tokenizer", None) is None:
-            raise EllaError("condition_mode='ella+clip' needs the base model's CLIP text_encoder and tokenizer; "
-                            "load with ella.load_pipeline(..., mode='ella+clip') or `ella generate --mode ella+clip`")
+            raise EllaError(
+                "condition_mode='ella+clip' needs the base model's CLIP text_encoder and tokenizer; "
+                "load with ella.load_pipeline(..., mode='ella+clip') or `ella generate --mode ella+clip`"
+            )
         return ClipPart(
             self.clip_embeds(texts, device, lora_scale, clip_skip),
             clip_first=opts.get("clip_first", self.config.clip_first),
@@ -203,15 +253,18 @@ def check_mode(mode: str) -> None:
         raise EllaError(f"unknown condition mode {mode!r}; use {' or '.join(CONDITION_MODES)}")
 
 
-def ella_pipeline_class(parent: type, name: str, doc: str, mixin: type = EllaMixin) -> type:
-    """``class name(EllaMixin, parent)`` with ``parent``'s ``__init__`` plus the ELLA arguments.
+def _ella_init(parent: type):
+    """``parent.__init__`` plus the ELLA arguments, with a signature diffusers' loaders can read.
 
-    One definition for every pipeline kind (txt2img, img2img, inpainting, ControlNet ...): the
-    ``__init__`` signature is the parent's (diffusers' loaders read it to know the components)
-    plus :data:`ELLA_INIT_DEFAULTS`, with the safety checker optional and off by default.
+    diffusers finds a pipeline's components from its ``__init__`` signature, so the signature is the
+    parent's plus :data:`ELLA_INIT_DEFAULTS`, with the safety checker optional and off by default.
     """
-    relaxed = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
-               "requires_safety_checker": False}
+    relaxed = {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+    }
     parent_sig = inspect.signature(parent.__init__)
     params = [p.replace(default=relaxed[p.name]) if p.name in relaxed else p for p in parent_sig.parameters.values()]
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in ELLA_INIT_DEFAULTS.items()]
@@ -226,7 +279,4 @@ def ella_pipeline_class(parent: type, name: str, doc: str, mixin: type = EllaMix
         self._register_ella(**ella)
 
     __init__.__signature__ = inspect.Signature(params)
-    clip = [p for p in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if p in parent_sig.parameters]
-    optional = list(dict.fromkeys(parent._optional_components + clip + ELLA_COMPONENTS))
-    return type(name, (mixin, parent), {"__init__": __init__, "__doc__": doc, "_optional_components": optional,
-                                            "__module__": "ella.pipelines"})
+    return __init__

@@ -26,22 +26,26 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from .base import ella_pipeline_class
+from .base import EllaMixin
 
-EllaStableDiffusionPipeline = ella_pipeline_class(
-    StableDiffusionPipeline, "EllaStableDiffusionPipeline",
-    "Text-to-image: ``StableDiffusionPipeline`` whose text condition comes from an LLM through an ELLA connector.")
-EllaStableDiffusionImg2ImgPipeline = ella_pipeline_class(
-    StableDiffusionImg2ImgPipeline, "EllaStableDiffusionImg2ImgPipeline",
-    "Image-to-image (``image``, ``strength``): the loop starts part-way down the schedule, and every step "
-    "still gets its own timestep's condition.")
-EllaStableDiffusionInpaintPipeline = ella_pipeline_class(
-    StableDiffusionInpaintPipeline, "EllaStableDiffusionInpaintPipeline",
-    "Inpainting (``image``, ``mask_image``, ``strength``), with 9-channel inpainting UNets or plain 4-channel ones.")
-EllaStableDiffusionControlNetPipeline = ella_pipeline_class(
-    StableDiffusionControlNetPipeline, "EllaStableDiffusionControlNetPipeline",
-    "ControlNet (``image`` = the control image; one ControlNet or a list): the ControlNet receives the same "
-    "per-timestep ELLA condition as the UNet (the official wrapper handed it raw T5 features).")
-EllaStableDiffusionControlNetImg2ImgPipeline = ella_pipeline_class(
-    StableDiffusionControlNetImg2ImgPipeline, "EllaStableDiffusionControlNetImg2ImgPipeline",
-    "ControlNet + image-to-image (``image``, ``control_image``, ``strength``).")
+
+class EllaStableDiffusionPipeline(EllaMixin, StableDiffusionPipeline):
+    """Text-to-image: ``StableDiffusionPipeline`` whose text condition comes from an LLM through an ELLA connector."""
+
+
+class EllaStableDiffusionImg2ImgPipeline(EllaMixin, StableDiffusionImg2ImgPipeline):
+    """Image-to-image (``image``, ``strength``): the loop starts part-way down the schedule, and every step still
+    gets its own timestep's condition."""
+
+
+class EllaStableDiffusionInpaintPipeline(EllaMixin, StableDiffusionInpaintPipeline):
+    """Inpainting (``image``, ``mask_image``, ``strength``), with 9-channel inpainting UNets or plain 4-channel ones."""
+
+
+class EllaStableDiffusionControlNetPipeline(EllaMixin, StableDiffusionControlNetPipeline):
+    """ControlNet (``image`` = the control image; one ControlNet or a list): the ControlNet receives the same
+    per-timestep ELLA condition as the UNet (the official wrapper handed it raw T5 features)."""
+
+
+class EllaStableDiffusionControlNetImg2ImgPipeline(EllaMixin, StableDiffusionControlNetImg2ImgPipeline):
+    """ControlNet + image-to-image (``image``, ``control_image``, ``strength``)."""

@@ -25,7 +25,7 @@ from diffusers import (
 
 from ..conditioning import placeholder_rows
 from ..errors import EllaError
-from .base import EllaMixin, ella_pipeline_class
+from .base import EllaMixin
 
 
 class EllaXLMixin(EllaMixin):
@@ -39,24 +39,53 @@ class EllaXLMixin(EllaMixin):
     def clip_embeds(self, texts, device, lora_scale=None, clip_skip=None) -> torch.Tensor:
         """Both CLIPs' tokens, concatenated by diffusers (``[rows, 77, 2048]``); keeps their pooled output too."""
         embeds, _, pooled, _ = StableDiffusionXLPipeline.encode_prompt(
-            self, texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-            lora_scale=lora_scale, clip_skip=clip_skip)
+            self,
+            texts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
         self._clip_pooled = pooled
         return embeds
 
-    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1,
-                      do_classifier_free_guidance=True, negative_prompt=None, negative_prompt_2=None,
-                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+    def encode_prompt(
+        self,
+        prompt,
+        prompt_2=None,
+        device=None,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        lora_scale=None,
+        clip_skip=None,
+    ):
         if prompt_2 is not None or negative_prompt_2 is not None:
-            raise EllaError("ELLA pipelines read `prompt` / `negative_prompt` (the LLM sees one text); "
-                            "drop prompt_2 / negative_prompt_2")
+            raise EllaError(
+                "ELLA pipelines read `prompt` / `negative_prompt` (the LLM sees one text); "
+                "drop prompt_2 / negative_prompt_2"
+            )
         if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
             raise EllaError("ELLA pipelines compute the pooled embedding; pass text, not pooled_prompt_embeds")
         self._clip_pooled = None
         positive, negative = EllaMixin.encode_prompt(
-            self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip)
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
         return positive, negative, self._pooled_for(positive), self._pooled_for(negative)
 
     def _pooled_for(self, placeholder: torch.Tensor | None) -> torch.Tensor | None:
@@ -67,22 +96,25 @@ class EllaXLMixin(EllaMixin):
         if self._pooled_from_connector():
             return placeholder.view(-1, 1).expand(-1, self.connector.config.pooled_dim).contiguous()
         if self._clip_pooled is None:
-            raise EllaError("this connector has no pooling head, and an SDXL UNet needs a pooled text embedding: "
-                            "use condition_mode='ella+clip' (CLIP's pooled embedding) or a connector trained "
-                            "with pooled_dim")
+            raise EllaError(
+                "this connector has no pooling head, and an SDXL UNet needs a pooled text embedding: "
+                "use condition_mode='ella+clip' (CLIP's pooled embedding) or a connector trained "
+                "with pooled_dim"
+            )
         return self._clip_pooled[placeholder_rows(placeholder)].to(placeholder.dtype)
 
 
-EllaStableDiffusionXLPipeline = ella_pipeline_class(
-    StableDiffusionXLPipeline, "EllaStableDiffusionXLPipeline",
-    "SDXL text-to-image with an ELLA connector (tokens + pooled head, per timestep).", EllaXLMixin)
-EllaStableDiffusionXLImg2ImgPipeline = ella_pipeline_class(
-    StableDiffusionXLImg2ImgPipeline, "EllaStableDiffusionXLImg2ImgPipeline",
-    "SDXL image-to-image (``image``, ``strength``) with an ELLA connector.", EllaXLMixin)
-EllaStableDiffusionXLInpaintPipeline = ella_pipeline_class(
-    StableDiffusionXLInpaintPipeline, "EllaStableDiffusionXLInpaintPipeline",
-    "SDXL inpainting (``image``, ``mask_image``) with an ELLA connector.", EllaXLMixin)
-EllaStableDiffusionXLControlNetPipeline = ella_pipeline_class(
-    StableDiffusionXLControlNetPipeline, "EllaStableDiffusionXLControlNetPipeline",
-    "SDXL + ControlNet: the ControlNet gets the same per-timestep tokens and pooled embedding as the UNet.",
-    EllaXLMixin)
+class EllaStableDiffusionXLPipeline(EllaXLMixin, StableDiffusionXLPipeline):
+    """SDXL text-to-image with an ELLA connector (tokens + pooled head, per timestep)."""
+
+
+class EllaStableDiffusionXLImg2ImgPipeline(EllaXLMixin, StableDiffusionXLImg2ImgPipeline):
+    """SDXL image-to-image (``image``, ``strength``) with an ELLA connector."""
+
+
+class EllaStableDiffusionXLInpaintPipeline(EllaXLMixin, StableDiffusionXLInpaintPipeline):
+    """SDXL inpainting (``image``, ``mask_image``) with an ELLA connector."""
+
+
+class EllaStableDiffusionXLControlNetPipeline(EllaXLMixin, StableDiffusionXLControlNetPipeline):
+    """SDXL + ControlNet: the ControlNet gets the same per-timestep tokens and pooled embedding as the UNet."""

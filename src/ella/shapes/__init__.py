@@ -11,5 +11,20 @@ from .oracle import ShapesOracle
 from .questions import questions, shapes_benchmark, write_csv
 from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, Obj, Scene, render, sample_scene, scene_for
 
-__all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "SIZES", "Obj", "Scene", "ShapesOracle", "caption", "caption_for",
-           "questions", "render", "sample_scene", "scene_for", "shapes_benchmark", "write_csv"]
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "SHAPES",
+    "SIZES",
+    "Obj",
+    "Scene",
+    "ShapesOracle",
+    "caption",
+    "caption_for",
+    "questions",
+    "render",
+    "sample_scene",
+    "scene_for",
+    "shapes_benchmark",
+    "write_csv",
+]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EllaError
-from ..loading import atomic_path
+from ..io import atomic_path
 
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20
 
@@ -76,7 +76,9 @@ def restore_bundle(bundle: Path, run: Path) -> list[str]:
     from safetensors.torch import load_file, save_file
 
     if not (bundle / "meta.tar").is_file():
-        raise EllaError(f"{bundle} is not a shapes bundle (no meta.tar); write one with `ella shapes reproduce --bundle`")
+        raise EllaError(
+            f"{bundle} is not a shapes bundle (no meta.tar); write one with `ella shapes reproduce --bundle`"
+        )
     run.mkdir(parents=True, exist_ok=True)
     with tarfile.open(bundle / "meta.tar") as tar:
         tar.extractall(run, filter="data")

@@ -34,7 +34,7 @@ def cap(text: str) -> str:
 
 
 def join(items: list[str]) -> str:
-    """"a", "a and b", "a, b and c" — or "a; b; and c" when an item has commas of its own."""
+    """ "a", "a and b", "a, b and c" — or "a; b; and c" when an item has commas of its own."""
     if len(items) == 1:
         return items[0]
     if any("," in item for item in items):
@@ -46,20 +46,32 @@ def where(cell: tuple[int, int], rng: random.Random) -> str:
     """A prepositional phrase for a grid cell ("in the top left corner", "at the upper left" …)."""
     row, col = cell
     if (row, col) == (1, 1):
-        return rng.choice(("in the center", "in the middle of the image", "right in the middle",
-                           "at the very center"))
+        return rng.choice(("in the center", "in the middle of the image", "right in the middle", "at the very center"))
     if row != 1 and col != 1:
         vertical = rng.choice((("top", "upper"), ("bottom", "lower"))[row // 2])
         side = COLS[col]
-        return rng.choice((f"in the {vertical} {side} corner", f"at the {vertical} {side}",
-                           f"in the {vertical}-{side} corner"))
+        return rng.choice(
+            (f"in the {vertical} {side} corner", f"at the {vertical} {side}", f"in the {vertical}-{side} corner")
+        )
     if row == 1:
         side = COLS[col]
-        return rng.choice((f"at the middle {side}", f"in the middle of the {side} side", f"at the center {side}",
-                           f"halfway down the {side} side"))
+        return rng.choice(
+            (
+                f"at the middle {side}",
+                f"in the middle of the {side} side",
+                f"at the center {side}",
+                f"halfway down the {side} side",
+            )
+        )
     edge = ("top", "bottom")[row // 2]
-    return rng.choice((f"at the {edge} center", f"in the middle of the {edge} edge", f"at the center of the {edge} edge",
-                       f"in the {edge} middle"))
+    return rng.choice(
+        (
+            f"at the {edge} center",
+            f"in the middle of the {edge} edge",
+            f"at the center of the {edge} edge",
+            f"in the {edge} middle",
+        )
+    )
 
 
 def noun_phrase(group: Group, rng: random.Random) -> str:
@@ -67,13 +79,26 @@ def noun_phrase(group: Group, rng: random.Random) -> str:
     size, colour = rng.choice(SIZE_WORDS[group.size]), group.colour
     if group.count == 1:
         shape = group.shape
-        return rng.choice((f"{article(size)} {colour} {shape}", f"one {size} {colour} {shape}",
-                           f"{article(size)} {shape} coloured {colour}", f"{article(size)} {shape} in {colour}",
-                           f"{article(colour)} {shape}, {size},"))
+        return rng.choice(
+            (
+                f"{article(size)} {colour} {shape}",
+                f"one {size} {colour} {shape}",
+                f"{article(size)} {shape} coloured {colour}",
+                f"{article(size)} {shape} in {colour}",
+                f"{article(colour)} {shape}, {size},",
+            )
+        )
     number, shapes = NUMBERS[group.count], PLURALS[group.shape]
-    return rng.choice((f"{number} {size} {colour} {shapes}", f"{number} {size} {shapes} coloured {colour}",
-                       f"{number} {colour} {shapes}, both {size}," if group.count == 2
-                       else f"{number} {colour} {shapes}, all {size},", f"{number} identical {size} {colour} {shapes}"))
+    return rng.choice(
+        (
+            f"{number} {size} {colour} {shapes}",
+            f"{number} {size} {shapes} coloured {colour}",
+            f"{number} {colour} {shapes}, both {size},"
+            if group.count == 2
+            else f"{number} {colour} {shapes}, all {size},",
+            f"{number} identical {size} {colour} {shapes}",
+        )
+    )
 
 
 def group_phrase(group: Group, rng: random.Random) -> str:
@@ -91,8 +116,14 @@ def group_phrase(group: Group, rng: random.Random) -> str:
 
 def relation_sentence(a: str, relation: str, b: str, rng: random.Random) -> str:
     words = rng.choice(RELATION_WORDS[relation])
-    return rng.choice((f"The {a} is {words} the {b}.", f"The {a} appears {words} the {b}.",
-                       f"Note that the {a} is {words} the {b}.", f"{cap(words)} the {b} is the {a}."))
+    return rng.choice(
+        (
+            f"The {a} is {words} the {b}.",
+            f"The {a} appears {words} the {b}.",
+            f"Note that the {a} is {words} the {b}.",
+            f"{cap(words)} the {b} is the {a}.",
+        )
+    )
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
@@ -103,28 +134,53 @@ def caption(scene: Scene, rng: random.Random) -> str:
     bg = scene.background
     style = rng.randrange(3)
     if style == 0:  # one list sentence with the background up front
-        frame = rng.choice((f"A {bg} background with {{}}.", f"An image on a plain {bg} background showing {{}}.",
-                            f"On a {bg} background we see {{}}."))
+        frame = rng.choice(
+            (
+                f"A {bg} background with {{}}.",
+                f"An image on a plain {bg} background showing {{}}.",
+                f"On a {bg} background we see {{}}.",
+            )
+        )
         text = [frame.format(join(phrases))]
     elif style == 1:  # the list first, the background after
-        text = [cap(join(phrases)) + rng.choice((f", all on a {bg} background.", f", on a {bg} backdrop.",
-                                                 f". The background is {bg}."))]
+        text = [
+            cap(join(phrases))
+            + rng.choice((f", all on a {bg} background.", f", on a {bg} backdrop.", f". The background is {bg}."))
+        ]
     else:  # one sentence per group
         text = []
         for g, p in zip(groups, phrases):
             plural = g.count > 1
-            frame = rng.choice(("There are {}." if plural else "There is {}.", "We can see {}.",
-                                "The picture shows {}.", "{} can be seen." if plural else "{} is visible."))
+            frame = rng.choice(
+                (
+                    "There are {}." if plural else "There is {}.",
+                    "We can see {}.",
+                    "The picture shows {}.",
+                    "{} can be seen." if plural else "{} is visible.",
+                )
+            )
             text.append(frame.format(p) if not frame.startswith("{") else cap(frame.format(p)))
-        text.insert(rng.randrange(len(text) + 1), rng.choice((f"The background is {bg}.", f"The backdrop is {bg}.",
-                                                              f"Everything sits on a {bg} background.")))
+        text.insert(
+            rng.randrange(len(text) + 1),
+            rng.choice(
+                (f"The background is {bg}.", f"The backdrop is {bg}.", f"Everything sits on a {bg} background.")
+            ),
+        )
     relations = scene_relations(scene)
     text += [relation_sentence(a, r, b, rng) for a, r, b in relations]
     n = len(scene.objects)
     if n > 1 and (not relations or rng.random() < 0.3):  # the total: one more fact, where few relations are
         total = TOTALS[n]
-        text.append(rng.choice((f"There are {total} objects in total.", f"Altogether the picture holds {total} shapes.",
-                                f"{cap(total)} shapes in all.", f"That makes {total} objects.")))
+        text.append(
+            rng.choice(
+                (
+                    f"There are {total} objects in total.",
+                    f"Altogether the picture holds {total} shapes.",
+                    f"{cap(total)} shapes in all.",
+                    f"That makes {total} objects.",
+                )
+            )
+        )
     return " ".join(text)
 
 

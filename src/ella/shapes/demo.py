@@ -14,15 +14,23 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..loading import atomic_path
+from ..io import atomic_path
 
 SCALE = 3  # 64 px -> 192 px
 LINE = 14
 TEXT_WIDTH = 560
 
 
-def run_demo(out: str | Path = "ella-demo.png", *, model: str | Path | None = None, items: int = 4, seed: int = 7,
-             steps: int = 25, guidance: float = 5.0, kind: str = "ella") -> dict:
+def run_demo(
+    out: str | Path = "ella-demo.png",
+    *,
+    model: str | Path | None = None,
+    items: int = 4,
+    seed: int = 7,
+    steps: int = 25,
+    guidance: float = 5.0,
+    kind: str = "ella",
+) -> dict:
     from .evaluate import EVAL_SEED_OFFSET
     from .oracle import ShapesOracle
     from .questions import shapes_benchmark
@@ -34,8 +42,14 @@ def run_demo(out: str | Path = "ella-demo.png", *, model: str | Path | None = No
     oracle = ShapesOracle()
     rows, t_gen = [], time.perf_counter()
     for i, (item_id, prompt) in enumerate(benchmark.prompts.items()):
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                     generator=torch.Generator().manual_seed(seed + i)).images[0]
+        image = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(seed + i),
+        ).images[0]
         marks = [(q.question, oracle(image, q.question) == "yes") for q in benchmark.questions[item_id]]
         rows.append((image, prompt, marks))
     per_image = (time.perf_counter() - t_gen) / max(1, items)
@@ -44,8 +58,13 @@ def run_demo(out: str | Path = "ella-demo.png", *, model: str | Path | None = No
         sheet.save(tmp, format="PNG")
     passed = sum(ok for _, _, marks in rows for _, ok in marks)
     total = sum(len(marks) for _, _, marks in rows)
-    return {"out": str(out), "questions_passed": passed, "questions": total, "seconds_per_image": round(per_image, 2),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "out": str(out),
+        "questions_passed": passed,
+        "questions": total,
+        "seconds_per_image": round(per_image, 2),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def compose(rows: list[tuple[Image.Image, str, list[tuple[str, bool]]]]) -> Image.Image:

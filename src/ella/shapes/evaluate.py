@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..loading import atomic_path
+from ..io import atomic_path
 from . import models as M
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out scenes: never produced by the training seed
@@ -28,14 +28,25 @@ def load_rows(base: Path, connectors: dict[str, Path], device: str, dtype: torch
 
     rows = {"base (weak encoder)": lambda: StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype)}
     for variant, run in connectors.items():
-        rows[f"+{variant}"] = (lambda run=run, variant=variant: ella_pipeline(
-            base, Path(run) / "ella.safetensors", device=device, dtype=dtype, flexible=variant == "mlp"))
+        rows[f"+{variant}"] = lambda run=run, variant=variant: ella_pipeline(
+            base, Path(run) / "ella.safetensors", device=device, dtype=dtype, flexible=variant == "mlp"
+        )
     return rows
 
 
-def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int = 200, seed: int = 0,
-             steps: int = 25, guidance: float = 5.0, device: str = "cpu", progress: bool = True,
-             gpus: list[str] | None = None) -> dict:
+def evaluate(
+    base: Path,
+    connectors: dict[str, Path],
+    out: Path,
+    *,
+    n_items: int = 200,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    device: str = "cpu",
+    progress: bool = True,
+    gpus: list[str] | None = None,
+) -> dict:
     """Generate + score every row; writes ``out/<row>/`` grids, ``out/results.json`` and ``out/results.md``.
 
     ``gpus`` (ids as ``CUDA_VISIBLE_DEVICES`` names them): with more than one, the rows' images are
@@ -74,33 +85,48 @@ def evaluate(base: Path, connectors: dict[str, Path], out: Path, *, n_items: int
     return results
 
 
-def draw_row(name: str, build, prompts: dict, out: Path, base: Path, settings: dict, device: str,
-             progress: bool) -> None:
+def draw_row(
+    name: str, build, prompts: dict, out: Path, base: Path, settings: dict, device: str, progress: bool
+) -> None:
     """One row's 2x2 grids for every benchmark item (items already drawn are skipped)."""
     from ..bench.generate import generate_grids
 
     pipe = build().to(device)
     pipe.set_progress_bar_config(disable=True)
-    generate_grids(pipe, prompts, out / slug(name), settings={"row": name, "base": str(base)},
-                   base_seed=settings["seed"], tile_size=M.RESOLUTION, progress=progress,
-                   call_kwargs={"num_inference_steps": settings["steps"], "guidance_scale": settings["guidance"]})
+    generate_grids(
+        pipe,
+        prompts,
+        out / slug(name),
+        settings={"row": name, "base": str(base)},
+        base_seed=settings["seed"],
+        tile_size=M.RESOLUTION,
+        progress=progress,
+        call_kwargs={"num_inference_steps": settings["steps"], "guidance_scale": settings["guidance"]},
+    )
 
 
-def _draw_side_by_side(names: list[str], gpus: list[str], base: Path, connectors: dict, out: Path,
-                       settings: dict, prompts: dict) -> None:
+def _draw_side_by_side(
+    names: list[str], gpus: list[str], base: Path, connectors: dict, out: Path, settings: dict, prompts: dict
+) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    jobs = [ctx.Process(target=_draw_job, args=(gpus[i % len(gpus)], names[i::len(gpus)], base, connectors, out,
-                                                settings, prompts)) for i in range(min(len(gpus), len(names)))]
+    jobs = [
+        ctx.Process(
+            target=_draw_job,
+            args=(gpus[i % len(gpus)], names[i :: len(gpus)], base, connectors, out, settings, prompts),
+        )
+        for i in range(min(len(gpus), len(names)))
+    ]
     for job in jobs:
         job.start()
     for job in jobs:
         job.join()  # a failed job leaves its items undrawn: the scoring loop draws them here
 
 
-def _draw_job(gpu: str, names: list[str], base: Path, connectors: dict, out: Path, settings: dict,
-              prompts: dict) -> None:
+def _draw_job(
+    gpu: str, names: list[str], base: Path, connectors: dict, out: Path, settings: dict, prompts: dict
+) -> None:
     from .gpus import pin_gpu
 
     pin_gpu(gpu)

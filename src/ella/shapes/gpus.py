@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 import torch
 
@@ -28,8 +28,9 @@ def run_on_gpus(fn: Callable, processes: int, *args) -> None:
     if processes <= 1:
         fn(0, 1, *args)
         return
-    torch.multiprocessing.start_processes(_entry, args=(processes, free_port(), fn, args), nprocs=processes,
-                                          start_method="spawn")
+    torch.multiprocessing.start_processes(
+        _entry, args=(processes, free_port(), fn, args), nprocs=processes, start_method="spawn"
+    )
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:

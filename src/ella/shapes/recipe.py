@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EllaError
-from ..loading import atomic_dir, atomic_path
-from . import models as M
+from ..io import atomic_dir, atomic_path
 from . import gpus
+from . import models as M
 
 VARIANTS = ("tsc", "resampler", "mlp")
 
@@ -78,9 +78,25 @@ class Recipe:
     @classmethod
     def smoke(cls, out: str) -> Recipe:
         """CPU-sized: every stage runs, on a handful of samples and steps."""
-        return cls(out=out, device="cpu", n_train=24, shard_size=12, vae_steps=3, vae_batch=4, base_steps=3,
-                   base_batch=4, base_warmup=1, connector_steps=2, connector_batch=4, eval_items=2, eval_steps=2,
-                   log_every=1, processes=1, parallel_variants=False, compile=False)
+        return cls(
+            out=out,
+            device="cpu",
+            n_train=24,
+            shard_size=12,
+            vae_steps=3,
+            vae_batch=4,
+            base_steps=3,
+            base_batch=4,
+            base_warmup=1,
+            connector_steps=2,
+            connector_batch=4,
+            eval_items=2,
+            eval_steps=2,
+            log_every=1,
+            processes=1,
+            parallel_variants=False,
+            compile=False,
+        )
 
     def check(self) -> None:
         """Fail before any work on values that can't run."""
@@ -88,8 +104,10 @@ class Recipe:
             raise EllaError(f"processes must be >= 1, got {self.processes}")
         for name in ("vae_batch", "base_batch", "connector_batch"):
             if getattr(self, name) % self.processes:
-                raise EllaError(f"{name}={getattr(self, name)} is the global batch and must divide evenly over "
-                                f"{self.processes} processes (one per GPU); pick a multiple of {self.processes}")
+                raise EllaError(
+                    f"{name}={getattr(self, name)} is the global batch and must divide evenly over "
+                    f"{self.processes} processes (one per GPU); pick a multiple of {self.processes}"
+                )
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise EllaError(f"unknown connector variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -113,8 +131,10 @@ def make_world(r: Recipe) -> Path:
     if done.is_file():
         return shards
     shards.mkdir(parents=True, exist_ok=True)
-    jobs = [(r.seed, start, min(start + r.shard_size, r.n_train), shards / f"{start // r.shard_size:05d}.tar")
-            for start in range(0, r.n_train, r.shard_size)]
+    jobs = [
+        (r.seed, start, min(start + r.shard_size, r.n_train), shards / f"{start // r.shard_size:05d}.tar")
+        for start in range(0, r.n_train, r.shard_size)
+    ]
     with parallel() as pool:
         pool.map(_write_shard, jobs)
     done.write_text(json.dumps({"n_train": r.n_train, "seed": r.seed}))
@@ -233,8 +253,10 @@ def save_vae(r: Recipe, vae, images: torch.Tensor) -> None:
         (staging / "roundtrip.json").write_text(json.dumps({"oracle_yes_percent": round(kept, 2)}) + "\n")
     log(f"vae: latent std {std:.4f} -> scaling_factor {1 / std:.4f}; round trip keeps {kept:.1f}% of the facts")
     if kept < 95.0:
-        log(f"WARNING: the VAE loses {100 - kept:.1f}% of the facts the oracle checks; that caps every row "
-            "(train it longer: --vae-steps)")
+        log(
+            f"WARNING: the VAE loses {100 - kept:.1f}% of the facts the oracle checks; that caps every row "
+            "(train it longer: --vae-steps)"
+        )
 
 
 def write_base(r: Recipe, unet, vae_path: Path, training: dict | None = None) -> Path:
@@ -245,8 +267,13 @@ def write_base(r: Recipe, unet, vae_path: Path, training: dict | None = None) ->
     unet = unet.half().float()
     encoder, tokenizer = M.weak_text_encoder()
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_path), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(M.SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        vae=AutoencoderKL.from_pretrained(vae_path),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(M.SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     path = r.root / "base"
@@ -270,8 +297,17 @@ def cache_latents(r: Recipe, world: Path, vae_path: Path) -> Path:
     if (path / "cache.json").is_file():
         return path
     dataset = open_dataset(str(world), Augment(resolution=M.RESOLUTION, center_crop=True, caption_dropout=0.0))
-    write_cache(dataset, path, AutoencoderKL.from_pretrained(vae_path), batch_size=256 if r.device != "cpu" else 8,
-                shard_size=r.shard_size, device=r.device, source=str(world), base=str(vae_path), progress=False)
+    write_cache(
+        dataset,
+        path,
+        AutoencoderKL.from_pretrained(vae_path),
+        batch_size=256 if r.device != "cpu" else 8,
+        shard_size=r.shard_size,
+        device=r.device,
+        source=str(world),
+        base=str(vae_path),
+        progress=False,
+    )
     return path
 
 
@@ -304,6 +340,7 @@ def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -
     from diffusers.training_utils import EMAModel
 
     from ..train.train import out_of_time
+
     device = gpus.device_for(r.device, rank)
     latents, captions = cached_latents_and_captions(cache)
     latents = latents.to(device)
@@ -312,8 +349,13 @@ def _train_base(rank: int, world: int, r: Recipe, cache: Path, vae_path: Path) -
     with torch.no_grad():  # the weak encoder is frozen and non-contextual: encode every caption once
         conds = []
         for i in range(0, len(captions), 1024):
-            ids = tokenizer(captions[i:i + 1024] + [""], padding="max_length", max_length=M.WEAK_MAX_LENGTH,
-                            truncation=True, return_tensors="pt").to(device)
+            ids = tokenizer(
+                captions[i : i + 1024] + [""],
+                padding="max_length",
+                max_length=M.WEAK_MAX_LENGTH,
+                truncation=True,
+                return_tensors="pt",
+            ).to(device)
             conds.append(encoder(**ids)[0].to(torch.bfloat16))
         empty = conds[-1][-1]
         conds = torch.cat([c[:-1] for c in conds])
@@ -384,9 +426,13 @@ def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
 
     ids = gpus.gpu_ids()[: r.processes]
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
-    jobs = [ctx.Process(target=_variant_job, args=(asdict(r), v, str(cache), str(base),
-                                                   ids[i % len(ids)] if len(ids) > 1 else None, len(todo)))
-            for i, v in enumerate(todo)]
+    jobs = [
+        ctx.Process(
+            target=_variant_job,
+            args=(asdict(r), v, str(cache), str(base), ids[i % len(ids)] if len(ids) > 1 else None, len(todo)),
+        )
+        for i, v in enumerate(todo)
+    ]
     for job in jobs:
         job.start()
     for job in jobs:
@@ -399,8 +445,10 @@ def train_connectors(r: Recipe, cache: Path, base: Path) -> dict[str, Path]:
 
 def training_failed(r: Recipe, variants: list[str]) -> EllaError:
     logs = ", ".join(f"{r.root}/connector-{v}.log" for v in variants)
-    return EllaError(f"connector training failed for {', '.join(variants)}; see {logs} "
-                     "(rerun the same command to resume from the last checkpoint)")
+    return EllaError(
+        f"connector training failed for {', '.join(variants)}; see {logs} "
+        "(rerun the same command to resume from the last checkpoint)"
+    )
 
 
 def _variant_job(recipe: dict, variant: str, cache: str, base: str, gpu: str | None, side_by_side: int) -> None:
@@ -435,18 +483,32 @@ def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side
     per_gpu = side_by_side * (r.processes if ddp else 1)
     workers = 0 if r.device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // per_gpu - 1))
     values = dict(
-        pretrained_model_name_or_path=str(base), llm_name_or_path=str(M.minilm_path()), train_data_dir=str(cache),
-        init_connector=str(init), connector_variant=variant, output_dir=str(run), resolution=M.RESOLUTION,
-        llm_max_length=M.LLM_MAX_LENGTH, train_batch_size=r.connector_batch // (r.processes if ddp else 1),
-        max_train_steps=r.connector_steps, learning_rate=r.connector_lr,
-        checkpointing_steps=max(1, r.connector_steps // 4), checkpoints_total_limit=1,
-        resume_from_checkpoint="latest", dataloader_num_workers=workers,
-        report_to="none" if r.device == "cpu" else "tensorboard", seed=r.seed, logging_steps=r.log_every,
-        torch_compile=r.compile, max_train_minutes=max(0.05, (r.stop_at - time.time()) / 60) if r.stop_at else None,
+        pretrained_model_name_or_path=str(base),
+        llm_name_or_path=str(M.minilm_path()),
+        train_data_dir=str(cache),
+        init_connector=str(init),
+        connector_variant=variant,
+        output_dir=str(run),
+        resolution=M.RESOLUTION,
+        llm_max_length=M.LLM_MAX_LENGTH,
+        train_batch_size=r.connector_batch // (r.processes if ddp else 1),
+        max_train_steps=r.connector_steps,
+        learning_rate=r.connector_lr,
+        checkpointing_steps=max(1, r.connector_steps // 4),
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+        dataloader_num_workers=workers,
+        report_to="none" if r.device == "cpu" else "tensorboard",
+        seed=r.seed,
+        logging_steps=r.log_every,
+        torch_compile=r.compile,
+        max_train_minutes=max(0.05, (r.stop_at - time.time()) / 60) if r.stop_at else None,
     )
     cfg = build_config(values)  # bad values fail here, in this process
-    log(f"connector {variant}: {M.param_count(connector) / 1e6:.2f}M parameters"
-        + (f", data-parallel over {r.processes} processes" if ddp else ""))
+    log(
+        f"connector {variant}: {M.param_count(connector) / 1e6:.2f}M parameters"
+        + (f", data-parallel over {r.processes} processes" if ddp else "")
+    )
     if not ddp:
         train(cfg)
         return run
@@ -458,8 +520,20 @@ def train_variant(r: Recipe, variant: str, cache: Path, base: Path, side_by_side
     config = r.root / f"connector-{variant}.yaml"
     with atomic_path(config) as tmp:
         tmp.write_text(yaml.safe_dump(values))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(r.processes),
-           "--master_port", str(gpus.free_port()), "-m", "ella.cli", "train", "--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(r.processes),
+        "--master_port",
+        str(gpus.free_port()),
+        "-m",
+        "ella.cli",
+        "train",
+        "--config",
+        str(config),
+    ]
     with open(r.root / f"connector-{variant}.log", "a") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
@@ -493,7 +567,8 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
         return result
 
     trained = (r.root / "base" / "model_index.json").is_file() and all(
-        (r.root / f"connector-{v}" / "ella.safetensors").is_file() for v in r.variants)
+        (r.root / f"connector-{v}" / "ella.safetensors").is_file() for v in r.variants
+    )
     if trained and until in ("connectors", "eval"):
         world = cache = None  # nothing left to train (e.g. restored from a bundle): no world, no latents
         vae = r.root / "vae"
@@ -516,11 +591,17 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
         return finish()
     from .evaluate import evaluate
 
-    result["scores"] = evaluate(base, connectors, r.root / "eval", n_items=r.eval_items, seed=r.seed,
-                                steps=r.eval_steps, guidance=r.eval_guidance, device=r.device,
-                                progress=r.device != "cpu", gpus=gpus.gpu_ids()[: r.processes])
+    result["scores"] = evaluate(
+        base,
+        connectors,
+        r.root / "eval",
+        n_items=r.eval_items,
+        seed=r.seed,
+        steps=r.eval_steps,
+        guidance=r.eval_guidance,
+        device=r.device,
+        progress=r.device != "cpu",
+        gpus=gpus.gpu_ids()[: r.processes],
+    )
     lap("eval")
     return finish()
-
-
-

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EllaError
-from ..loading import atomic_dir
+from ..io import atomic_dir
 from . import models as M
 
 PACKAGED = Path(__file__).parent / "model"
@@ -53,21 +53,25 @@ def export_model(base: Path, connector: Path, target: Path, provenance: dict | N
 def model_dir(path: str | Path | None = None) -> Path:
     path = Path(path) if path is not None else PACKAGED
     if not (path / "model_index.json").is_file():
-        raise EllaError(f"no shapes model at {path}: train one with `ella shapes reproduce` "
-                        + ("(this install ships none yet)" if path == PACKAGED else "and point --model at its export"))
+        raise EllaError(
+            f"no shapes model at {path}: train one with `ella shapes reproduce` "
+            + ("(this install ships none yet)" if path == PACKAGED else "and point --model at its export")
+        )
     return path
 
 
-def load_shapes_pipeline(path: str | Path | None = None, *, kind: str = "ella", device: str = "cpu",
-                         dtype: torch.dtype = torch.float32):
+def load_shapes_pipeline(
+    path: str | Path | None = None, *, kind: str = "ella", device: str = "cpu", dtype: torch.dtype = torch.float32
+):
     """``kind="ella"``: EllaStableDiffusionPipeline (MiniLM + TSC); ``kind="base"``: the weak-encoder base."""
     from diffusers import StableDiffusionPipeline
 
     path = model_dir(path)
     if kind == "base":
         encoder, tokenizer = M.weak_text_encoder()
-        pipe = StableDiffusionPipeline.from_pretrained(path, text_encoder=encoder.to(dtype), tokenizer=tokenizer,
-                                                       torch_dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, text_encoder=encoder.to(dtype), tokenizer=tokenizer, torch_dtype=dtype
+        )
     elif kind == "ella":
         pipe = ella_pipeline(path, path / "ella.safetensors", device=device, dtype=dtype)
     else:
@@ -80,12 +84,24 @@ def ella_pipeline(base: Path, connector: Path, *, device: str, dtype: torch.dtyp
     """A shapes base + connector file as an EllaStableDiffusionPipeline: MiniLM, 128 tokens, the base's DDIM."""
     from ..loading import load_pipeline
 
-    return load_pipeline(base, connector, M.minilm_path(), device=device, dtype=dtype, scheduler=None,
-                         max_length=M.LLM_MAX_LENGTH, flexible=flexible)
+    return load_pipeline(
+        base,
+        connector,
+        M.minilm_path(),
+        device=device,
+        dtype=dtype,
+        scheduler=None,
+        max_length=M.LLM_MAX_LENGTH,
+        flexible=flexible,
+    )
 
 
 def describe(path: str | Path | None = None) -> dict:
     path = model_dir(path)
     files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
-    return {"path": str(path), "bytes": sum(files.values()), "files": files,
-            "scheduler": json.loads((path / "scheduler" / "scheduler_config.json").read_text())["_class_name"]}
+    return {
+        "path": str(path),
+        "bytes": sum(files.values()),
+        "files": files,
+        "scheduler": json.loads((path / "scheduler" / "scheduler_config.json").read_text())["_class_name"],
+    }

@@ -25,8 +25,7 @@ from PIL import Image, ImageDraw
 from ..errors import EllaError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
-           "cross": "crosses"}
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds", "cross": "crosses"}
 #: Object colours (RGB); nearest pair (orange-yellow, red-orange) ~90 apart.
 COLOURS = {
     "red": (215, 35, 35),
@@ -51,7 +50,7 @@ CROSS_ARM = 0.40  # arm width of the cross, as a fraction of its extent
 
 
 def cell_name(row: int, col: int) -> str:
-    """"top left", "center", "middle right" … — the grid cell's name in questions and tuples."""
+    """ "top left", "center", "middle right" … — the grid cell's name in questions and tuples."""
     if (row, col) == (1, 1):
         return "center"
     return f"{ROWS[row]} {COLS[col]}"
@@ -68,8 +67,11 @@ class Obj:
     col: int
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.shape, SHAPES, "shape"), (self.colour, COLOURS, "colour"),
-                                     (self.size, SIZES, "size")):
+        for value, allowed, what in (
+            (self.shape, SHAPES, "shape"),
+            (self.colour, COLOURS, "colour"),
+            (self.size, SIZES, "size"),
+        ):
             if value not in allowed:
                 raise EllaError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
         if not (0 <= self.row < 3 and 0 <= self.col < 3):
@@ -118,8 +120,10 @@ class Scene:
         by_shape: dict[str, list[Obj]] = {}
         for o in sorted(self.objects, key=lambda o: (o.row, o.col)):
             by_shape.setdefault(o.shape, []).append(o)
-        return [Group(objs[0].shape, objs[0].colour, objs[0].size, tuple((o.row, o.col) for o in objs))
-                for objs in by_shape.values()]
+        return [
+            Group(objs[0].shape, objs[0].colour, objs[0].size, tuple((o.row, o.col) for o in objs))
+            for objs in by_shape.values()
+        ]
 
     def to_dict(self) -> dict:
         return {"background": self.background, "objects": [asdict(o) for o in self.objects]}
@@ -129,7 +133,9 @@ class Scene:
         try:
             return cls(data["background"], tuple(Obj(**o) for o in data["objects"]))
         except (KeyError, TypeError) as err:
-            raise EllaError(f"not a shapes scene (need background and objects[shape, colour, size, row, col]): {err}")
+            raise EllaError(
+                f"not a shapes scene (need background and objects[shape, colour, size, row, col]): {err}"
+            ) from None
 
 
 def sample_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
@@ -174,7 +180,7 @@ def scene_relations(scene: Scene, limit: int = 2) -> list[tuple[str, str, str]]:
     if len(singles) < 2:
         return []
     rng = random.Random(int.from_bytes(hashlib.sha256(repr(scene.to_dict()).encode()).digest()[:8], "big"))
-    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :]]
     rng.shuffle(pairs)
     out = []
     for a, b in pairs[: min(limit, len(singles) - 1)]:
@@ -187,7 +193,6 @@ def scene_relations(scene: Scene, limit: int = 2) -> list[tuple[str, str, str]]:
         relation = rng.choice(options)
         out.append((b.shape, INVERSE[relation], a.shape) if rng.random() < 0.5 else (a.shape, relation, b.shape))
     return out
-
 
 
 def outline(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]]:
@@ -205,8 +210,20 @@ def outline(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float
         pts = [(0, -1), (1, 0), (0, 1), (-1, 0)]
     elif shape == "cross":
         a = CROSS_ARM
-        pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a),
-               (-a, -a)]
+        pts = [
+            (-a, -1),
+            (a, -1),
+            (a, -a),
+            (1, -a),
+            (1, a),
+            (a, a),
+            (a, 1),
+            (-a, 1),
+            (-a, a),
+            (-1, a),
+            (-1, -a),
+            (-a, -a),
+        ]
     else:
         raise EllaError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
     return [(cx + x * h, cy + y * h) for x, y in pts]

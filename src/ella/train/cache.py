@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EllaError
-from ..loading import atomic_path
+from ..io import atomic_path
 from .data import Augment, _Epoch, collate, open_dataset, sample_rng
 from .models import encode_latents
 
@@ -42,13 +42,17 @@ def read_cache_index(path: str | os.PathLike) -> dict:
     try:
         index = json.loads(file.read_text())
     except FileNotFoundError:
-        raise EllaError(f"{path} has no cache.json: not a finished `ella cache` directory (re-run `ella cache` "
-                        "with the same arguments to finish it)") from None
+        raise EllaError(
+            f"{path} has no cache.json: not a finished `ella cache` directory (re-run `ella cache` "
+            "with the same arguments to finish it)"
+        ) from None
     except ValueError as err:
         raise EllaError(f"{file} is not valid JSON ({err}); re-run `ella cache` into a new directory") from None
     if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
-        raise EllaError(f"{file} has cache format version {index.get('version') if isinstance(index, dict) else '?'}"
-                        f", this ella reads version {CACHE_VERSION}; re-run `ella cache` into a new directory")
+        raise EllaError(
+            f"{file} has cache format version {index.get('version') if isinstance(index, dict) else '?'}"
+            f", this ella reads version {CACHE_VERSION}; re-run `ella cache` into a new directory"
+        )
     return index
 
 
@@ -98,8 +102,11 @@ class CachedDataset(_Epoch, torch.utils.data.Dataset):
         rng = sample_rng(self.aug.seed, self.epoch, key)
         rng.random()  # the raw datasets' caption-choice draw: dropout decisions match uncached training
         dropped = rng.random() < self.aug.caption_dropout
-        sample = {"key": key, "caption": "" if dropped else meta["captions"][j],
-                  "latents": file.get_slice("latents")[j].float()}
+        sample = {
+            "key": key,
+            "caption": "" if dropped else meta["captions"][j],
+            "latents": file.get_slice("latents")[j].float(),
+        }
         for name in ("original_size", "crop_top_left"):
             sample[name] = file.get_slice(name)[j].long()
         if self.empty is not None:
@@ -126,32 +133,41 @@ def _start(out: Path, settings: dict) -> dict | None:
         index = read_cache_index(out)
         if index.get("settings") == settings:
             return None
-        raise EllaError(f"{out} already holds a finished cache made with other settings; pick another --output "
-                        "or delete that directory")
+        raise EllaError(
+            f"{out} already holds a finished cache made with other settings; pick another --output "
+            "or delete that directory"
+        )
     state = {"settings": settings, "shards": [], "batch": 0, "offset": 0, "skipped": 0, "truncated": 0}
     partial = out / "cache.partial.json"
     if partial.is_file():
         state = json.loads(partial.read_text())
         if state["settings"] != settings:
-            differ = sorted(k for k in settings.keys() | state["settings"].keys()
-                            if settings.get(k) != state["settings"].get(k))
-            raise EllaError(f"{out} holds an interrupted cache made with other settings (differs in: "
-                            f"{', '.join(differ)}); re-run with the same settings to resume, or delete it")
+            differ = sorted(
+                k for k in settings.keys() | state["settings"].keys() if settings.get(k) != state["settings"].get(k)
+            )
+            raise EllaError(
+                f"{out} holds an interrupted cache made with other settings (differs in: "
+                f"{', '.join(differ)}); re-run with the same settings to resume, or delete it"
+            )
         for shard in state["shards"]:
             if not (out / f"{shard['name']}.safetensors").is_file() or not (out / f"{shard['name']}.json").is_file():
                 raise EllaError(f"{out} lost {shard['name']} of an interrupted cache; delete the directory and re-run")
     elif any(out.glob("shard-*.safetensors")):
-        raise EllaError(f"{out} holds shard files but no cache.partial.json to resume from; pick another --output "
-                        "or delete that directory")
+        raise EllaError(
+            f"{out} holds shard files but no cache.partial.json to resume from; pick another --output "
+            "or delete that directory"
+        )
     return state
 
 
 def _save_shard(out: Path, name: str, rows: list[dict]) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"latents": torch.stack([r["latents"] for r in rows]).to(torch.float16),
-               "original_size": torch.stack([r["original_size"] for r in rows]).long(),
-               "crop_top_left": torch.stack([r["crop_top_left"] for r in rows]).long()}
+    tensors = {
+        "latents": torch.stack([r["latents"] for r in rows]).to(torch.float16),
+        "original_size": torch.stack([r["original_size"] for r in rows]).long(),
+        "crop_top_left": torch.stack([r["crop_top_left"] for r in rows]).long(),
+    }
     if "features" in rows[0]:
         tensors["features"] = torch.stack([r["features"] for r in rows]).to(torch.float16)
         tensors["feature_mask"] = torch.stack([r["feature_mask"] for r in rows]).to(torch.uint8)
@@ -161,8 +177,7 @@ def _save_shard(out: Path, name: str, rows: list[dict]) -> None:
         tmp.write_text(json.dumps({"keys": [r["key"] for r in rows], "captions": [r["caption"] for r in rows]}))
 
 
-def _features(llm, tokenizer, captions: list[str], max_length: int
-              ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+def _features(llm, tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Fixed-length features (as the release computes them), the tokenizer's mask, and which captions were cut.
 
     encode_text's per-prompt truncation warnings would flood a large run; they are counted instead.
@@ -172,16 +187,31 @@ def _features(llm, tokenizer, captions: list[str], max_length: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptTruncatedWarning)
         states = encode_text(llm, tokenizer, captions, max_length=max_length).hidden_states
-    mask = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
-                     return_tensors="pt")["attention_mask"]
+    mask = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")[
+        "attention_mask"
+    ]
     cut = [len(ids) > max_length for ids in tokenizer(captions)["input_ids"]]
     return states.to(torch.float16).cpu(), mask.to(torch.uint8), cut
 
 
-def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer=None, max_length: int = 128,
-                batch_size: int = 16, shard_size: int = 1024, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, num_workers: int = 0, source: str = "", base: str = "",
-                llm_name: str = "", progress: bool = True) -> dict:
+def write_cache(
+    dataset,
+    out_dir: str | os.PathLike,
+    vae,
+    *,
+    llm=None,
+    tokenizer=None,
+    max_length: int = 128,
+    batch_size: int = 16,
+    shard_size: int = 1024,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_workers: int = 0,
+    source: str = "",
+    base: str = "",
+    llm_name: str = "",
+    progress: bool = True,
+) -> dict:
     """Encode ``dataset`` (from :func:`open_dataset`, opened with ``caption_dropout=0``) into ``out_dir``.
 
     Returns the ``cache.json`` index. The dataset is read in a fixed order (epoch 0, no shuffle) so an
@@ -195,8 +225,10 @@ def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer
     if isinstance(dataset, CachedDataset) or aug is None:
         raise EllaError("write_cache needs a raw dataset from open_dataset (images), not an `ella cache` directory")
     if aug.caption_dropout != 0:
-        raise EllaError(f"write_cache needs the dataset opened with caption_dropout=0 (got {aug.caption_dropout}): "
-                        "the cache stores real captions and dropout happens when training reads it")
+        raise EllaError(
+            f"write_cache needs the dataset opened with caption_dropout=0 (got {aug.caption_dropout}): "
+            "the cache stores real captions and dropout happens when training reads it"
+        )
     if (llm is None) != (tokenizer is None):
         raise EllaError("write_cache needs both llm and tokenizer to cache features, or neither")
     if batch_size < 1 or shard_size < 1:
@@ -207,15 +239,29 @@ def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    vae_info = {"scaling_factor": float(vae.config.scaling_factor), "shift_factor": shift,
-                "latent_channels": int(vae.config.latent_channels)}
-    settings = _json_safe({
-        "version": CACHE_VERSION, "source": source, "base": base, "resolution": aug.resolution,
-        "center_crop": aug.center_crop, "random_flip": aug.random_flip, "seed": aug.seed, "vae": vae_info,
-        "llm": {"name": llm_name, "max_length": max_length} if llm is not None else None,
-        "shard_size": shard_size, "batch_size": batch_size,
-        "samples": None if iterable else len(dataset),
-        "shards": getattr(dataset, "num_shards", None), "num_workers": num_workers if iterable else None})
+    vae_info = {
+        "scaling_factor": float(vae.config.scaling_factor),
+        "shift_factor": shift,
+        "latent_channels": int(vae.config.latent_channels),
+    }
+    settings = _json_safe(
+        {
+            "version": CACHE_VERSION,
+            "source": source,
+            "base": base,
+            "resolution": aug.resolution,
+            "center_crop": aug.center_crop,
+            "random_flip": aug.random_flip,
+            "seed": aug.seed,
+            "vae": vae_info,
+            "llm": {"name": llm_name, "max_length": max_length} if llm is not None else None,
+            "shard_size": shard_size,
+            "batch_size": batch_size,
+            "samples": None if iterable else len(dataset),
+            "shards": getattr(dataset, "num_shards", None),
+            "num_workers": num_workers if iterable else None,
+        }
+    )
     state = _start(out, settings)
     if state is None:
         return read_cache_index(out)
@@ -235,11 +281,18 @@ def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer
     dataset.set_epoch(0)
     first = 0 if iterable else state["batch"]
     source_data = dataset if iterable else torch.utils.data.Subset(dataset, range(first * batch_size, len(dataset)))
-    loader = torch.utils.data.DataLoader(source_data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_collate_flags)
+    loader = torch.utils.data.DataLoader(
+        source_data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate_flags
+    )
     total = None if iterable else len(dataset)
-    bar = tqdm(total=total, initial=min(first * batch_size, total or 0), desc="cache", unit="img",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=min(first * batch_size, total or 0),
+        desc="cache",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     rows: list[dict] = []
 
     def flush(batch_index: int, offset: int) -> None:
@@ -268,8 +321,13 @@ def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer
                 if not ok:
                     state["skipped"] += 1
                     continue
-                row = {"key": batch["keys"][j], "caption": batch["captions"][j], "latents": latents[j],
-                       "original_size": batch["original_size"][j], "crop_top_left": batch["crop_top_left"][j]}
+                row = {
+                    "key": batch["keys"][j],
+                    "caption": batch["captions"][j],
+                    "latents": latents[j],
+                    "original_size": batch["original_size"][j],
+                    "crop_top_left": batch["crop_top_left"][j],
+                }
                 if llm is not None:
                     row.update(features=features[j], feature_mask=masks[j])
                     state["truncated"] += cut[j]
@@ -281,19 +339,38 @@ def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer
     bar.close()
     count = sum(s["count"] for s in state["shards"])
     if count == 0:
-        raise EllaError(f"no readable samples in {source or 'the dataset'}: all {state['skipped']} were unreadable "
-                        "or had no caption")
+        raise EllaError(
+            f"no readable samples in {source or 'the dataset'}: all {state['skipped']} were unreadable "
+            "or had no caption"
+        )
     from safetensors import safe_open
 
     with safe_open(str(out / f"{state['shards'][0]['name']}.safetensors"), framework="pt") as f:
         latent_shape = f.get_slice("latents").get_shape()[1:]
         hidden = f.get_slice("features").get_shape()[-1] if llm is not None else None
-    index = {"version": CACHE_VERSION, "count": count, "skipped": state["skipped"], "shards": state["shards"],
-             "resolution": aug.resolution, "center_crop": aug.center_crop, "random_flip": aug.random_flip,
-             "latent_shape": list(latent_shape), "vae": vae_info, "base": base, "source": source,
-             "llm": {"name": llm_name, "hidden_size": hidden, "max_length": max_length,
-                     "truncated_captions": state["truncated"]} if llm is not None else None,
-             "seed": aug.seed, "settings": settings}
+    index = {
+        "version": CACHE_VERSION,
+        "count": count,
+        "skipped": state["skipped"],
+        "shards": state["shards"],
+        "resolution": aug.resolution,
+        "center_crop": aug.center_crop,
+        "random_flip": aug.random_flip,
+        "latent_shape": list(latent_shape),
+        "vae": vae_info,
+        "base": base,
+        "source": source,
+        "llm": {
+            "name": llm_name,
+            "hidden_size": hidden,
+            "max_length": max_length,
+            "truncated_captions": state["truncated"],
+        }
+        if llm is not None
+        else None,
+        "seed": aug.seed,
+        "settings": settings,
+    }
     with atomic_path(out / "cache.json") as tmp:
         tmp.write_text(json.dumps(index, indent=1))
     (out / "cache.partial.json").unlink(missing_ok=True)
@@ -302,15 +379,22 @@ def write_cache(dataset, out_dir: str | os.PathLike, vae, *, llm=None, tokenizer
 
 def cache_command(args) -> str:
     """``ella cache``: open the source raw (no caption dropout), load the VAE (and LLM), write; one summary line."""
-    from ..loading import SINGLE_FILE_SUFFIXES, check_offline, default_device, loading, resolve_dtype
+    from ..devices import default_device, resolve_dtype
+    from ..hub import SINGLE_FILE_SUFFIXES, check_offline, loading
 
     if bool(args.train_data_dir) == bool(args.dataset_name):
         raise EllaError("give exactly one of --train_data_dir or --dataset_name")
     source = args.train_data_dir or args.dataset_name
-    aug = Augment(resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
-                  caption_dropout=0.0, seed=args.seed)
-    dataset = open_dataset(source, aug, image_column=args.image_column, caption_column=args.caption_column,
-                           split=args.dataset_split)
+    aug = Augment(
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        caption_dropout=0.0,
+        seed=args.seed,
+    )
+    dataset = open_dataset(
+        source, aug, image_column=args.image_column, caption_column=args.caption_column, split=args.dataset_split
+    )
     if isinstance(dataset, CachedDataset):
         raise EllaError(f"{source} is already an `ella cache` directory; point --train_data_dir at the images")
     device = args.device or default_device()
@@ -333,12 +417,25 @@ def cache_command(args) -> str:
 
         llm, tokenizer = load_llm(args.llm_name_or_path, dtype=dtype, device=device)
     local = Path(source).expanduser()
-    index = write_cache(dataset, args.output, vae, llm=llm, tokenizer=tokenizer, max_length=args.llm_max_length,
-                        batch_size=args.batch_size, shard_size=args.shard_size, device=device, dtype=dtype,
-                        num_workers=args.dataloader_num_workers, base=str(base),
-                        source=str(local.resolve()) if local.exists() else str(source),
-                        llm_name=str(args.llm_name_or_path) if args.features else "")
+    index = write_cache(
+        dataset,
+        args.output,
+        vae,
+        llm=llm,
+        tokenizer=tokenizer,
+        max_length=args.llm_max_length,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        device=device,
+        dtype=dtype,
+        num_workers=args.dataloader_num_workers,
+        base=str(base),
+        source=str(local.resolve()) if local.exists() else str(source),
+        llm_name=str(args.llm_name_or_path) if args.features else "",
+    )
     cut = (index["llm"] or {}).get("truncated_captions", 0)
-    return (f"{args.output}: {index['count']} samples in {len(index['shards'])} shards"
-            + (f", {index['skipped']} unreadable samples skipped" if index["skipped"] else "")
-            + (f", {cut} captions truncated to {args.llm_max_length} tokens" if cut else ""))
+    return (
+        f"{args.output}: {index['count']} samples in {len(index['shards'])} shards"
+        + (f", {index['skipped']} unreadable samples skipped" if index["skipped"] else "")
+        + (f", {cut} captions truncated to {args.llm_max_length} tokens" if cut else "")
+    )

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import EllaError
-from ..loading import atomic_dir, atomic_path
+from ..io import atomic_dir, atomic_path
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -56,8 +56,10 @@ def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
     if not path.is_dir():
         path = Path(output_dir) / which
     if not (path / "progress-rank0.json").is_file():
-        raise EllaError(f"--resume_from_checkpoint {which}: not a checkpoint directory (no progress-rank0.json); "
-                        f"use 'latest' or one of {[p.name for p in list_checkpoints(output_dir)] or 'none yet'}")
+        raise EllaError(
+            f"--resume_from_checkpoint {which}: not a checkpoint directory (no progress-rank0.json); "
+            f"use 'latest' or one of {[p.name for p in list_checkpoints(output_dir)] or 'none yet'}"
+        )
     return path
 
 
@@ -93,8 +95,10 @@ def load_checkpoint(accelerator, path: Path, ema) -> Progress:
     accelerator.load_state(str(path))
     progress_file = path / f"progress-rank{accelerator.process_index}.json"
     if not progress_file.is_file():
-        raise EllaError(f"{path} was written by fewer processes than this run has ({accelerator.num_processes}); "
-                        "resume with the same number of processes")
+        raise EllaError(
+            f"{path} was written by fewer processes than this run has ({accelerator.num_processes}); "
+            "resume with the same number of processes"
+        )
     if ema is not None:
         load_ema(ema, path)
     return Progress(**json.loads(progress_file.read_text()))

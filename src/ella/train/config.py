@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EllaError
-from ..loading import DEFAULT_BASE, DEFAULT_LLM
+from ..hub import DEFAULT_BASE, DEFAULT_LLM
 
 
 @dataclass
@@ -94,9 +94,20 @@ class TrainConfig:
         """Reject impossible values up front, with the flag named — before any model is loaded."""
         from ..connector import VARIANTS
 
-        positive = ("llm_max_length", "resolution", "train_batch_size", "gradient_accumulation_steps",
-                    "max_train_steps", "checkpointing_steps", "logging_steps", "validation_steps",
-                    "connector_layers", "connector_heads", "connector_num_latents", "validation_inference_steps")
+        positive = (
+            "llm_max_length",
+            "resolution",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+            "logging_steps",
+            "validation_steps",
+            "connector_layers",
+            "connector_heads",
+            "connector_num_latents",
+            "validation_inference_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise EllaError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -117,8 +128,10 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise EllaError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
         if (self.dataset_name is None) == (self.train_data_dir is None):
-            raise EllaError("give exactly one of --train_data_dir (folder, .tar shards or `ella cache` dir) "
-                            "and --dataset_name (HF datasets name or save_to_disk dir)")
+            raise EllaError(
+                "give exactly one of --train_data_dir (folder, .tar shards or `ella cache` dir) "
+                "and --dataset_name (HF datasets name or save_to_disk dir)"
+            )
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise EllaError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
 
@@ -146,13 +159,15 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         help_text = f"default: {default!r}"
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         elif is_list:
             parser.add_argument(f"--{f.name}", nargs="*", type=kind, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=_none_or(kind) if optional else kind, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                f"--{f.name}", type=_none_or(kind) if optional else kind, default=argparse.SUPPRESS, help=help_text
+            )
 
 
 def _none_or(kind: type):

@@ -32,8 +32,10 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_KEYS = ("caption", "text", "prompt", "txt")  # json caption field lookup order
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
 HF_DATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # an `imagefolder` with captions beside
-EXPECTED = ("expected images (.jpg/.jpeg/.png/.webp) with same-name .txt captions, webdataset *.tar shards, "
-            "a datasets save_to_disk directory, an `ella cache` output directory or a Hub dataset id")
+EXPECTED = (
+    "expected images (.jpg/.jpeg/.png/.webp) with same-name .txt captions, webdataset *.tar shards, "
+    "a datasets save_to_disk directory, an `ella cache` output directory or a Hub dataset id"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,9 @@ def load_image(source) -> Image.Image:
     return image.convert("RGB")
 
 
-def prepare_image(image: Image.Image, aug: Augment, rng: random.Random
-                  ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+def prepare_image(
+    image: Image.Image, aug: Augment, rng: random.Random
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Resize the shorter side to ``aug.resolution``, crop a square, maybe flip; scale to [-1, 1].
 
     Returns ``(pixel_values [3, R, R] float32, original_size (h, w), crop_top_left (top, left))``:
@@ -126,12 +129,17 @@ def make_sample(key: str, image_source, captions, aug: Augment, epoch: int) -> d
         return None
     try:
         image = load_image(image_source)
-    except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...)
+    except Exception as err:
         logger.debug("skipping %s: %s: %s", key, type(err).__name__, err)
         return None
     pixels, original, crop = prepare_image(image, aug, rng)
-    return {"key": key, "pixel_values": pixels, "caption": "" if dropped else captions.strip(),
-            "original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop)}
+    return {
+        "key": key,
+        "pixel_values": pixels,
+        "caption": "" if dropped else captions.strip(),
+        "original_size": torch.tensor(original),
+        "crop_top_left": torch.tensor(crop),
+    }
 
 
 class _Epoch:
@@ -154,8 +162,10 @@ class FolderDataset(_Epoch, torch.utils.data.Dataset):
             raise EllaError(f"no training samples in {root}: {EXPECTED}")
         texts = {p.relative_to(self.root).with_suffix("").as_posix() for p in files if p.suffix == ".txt"}
         if not any(Path(name).with_suffix("").as_posix() in texts for name in self.images):
-            raise EllaError(f"no training samples in {root}: {len(self.images)} images but none has a caption file "
-                            f"(expected IMAGE.txt beside each IMAGE.jpg/.png)")
+            raise EllaError(
+                f"no training samples in {root}: {len(self.images)} images but none has a caption file "
+                f"(expected IMAGE.txt beside each IMAGE.jpg/.png)"
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -172,14 +182,23 @@ class FolderDataset(_Epoch, torch.utils.data.Dataset):
 class HFImageDataset(_Epoch, torch.utils.data.Dataset):
     """A ``datasets.Dataset`` with an image column and a caption column (a string or a list of strings)."""
 
-    def __init__(self, dataset, aug: Augment, *, image_column: str = "image", caption_column: str = "text",
-                 name: str = "the dataset"):
+    def __init__(
+        self,
+        dataset,
+        aug: Augment,
+        *,
+        image_column: str = "image",
+        caption_column: str = "text",
+        name: str = "the dataset",
+    ):
         import datasets
 
         for what, column in (("image", image_column), ("caption", caption_column)):
             if column not in dataset.column_names:
-                raise EllaError(f"{name} has no {what} column {column!r}; its columns are "
-                                f"{', '.join(dataset.column_names)} (pick one with --{what}_column)")
+                raise EllaError(
+                    f"{name} has no {what} column {column!r}; its columns are "
+                    f"{', '.join(dataset.column_names)} (pick one with --{what}_column)"
+                )
         if len(dataset) == 0:
             raise EllaError(f"no training samples in {name}: the split is empty")
         if isinstance(dataset.features[image_column], datasets.Image):  # decode ourselves: a bad image -> None
@@ -205,8 +224,10 @@ class TarShards(_Epoch, torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[str], aug: Augment, *, rank: int = 0, world_size: int = 1):
         if len(shards) < world_size:
-            raise EllaError(f"{len(shards)} tar shards cannot feed {world_size} processes (each needs at least one); "
-                            "split the data into more shards or train on fewer processes")
+            raise EllaError(
+                f"{len(shards)} tar shards cannot feed {world_size} processes (each needs at least one); "
+                "split the data into more shards or train on fewer processes"
+            )
         self.shards, self.aug, self.rank, self.world_size = list(shards), aug, rank, world_size
 
     @property
@@ -217,7 +238,7 @@ class TarShards(_Epoch, torch.utils.data.IterableDataset):
         """This epoch's shards for this rank and DataLoader worker, in reading order."""
         order = list(self.shards)
         random.Random(f"shards:{self.aug.seed}:{self.epoch}").shuffle(order)
-        return order[self.rank::self.world_size][worker::num_workers]
+        return order[self.rank :: self.world_size][worker::num_workers]
 
     def __iter__(self):
         import webdataset as wds
@@ -260,8 +281,10 @@ def _tar_shards(source: str) -> list[str]:
     shards = expand_urls(source)
     missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
     if missing:
-        raise EllaError(f"no training samples in {source}: {len(missing)} of its {len(shards)} tar shards do not "
-                        f"exist (first: {missing[0]})")
+        raise EllaError(
+            f"no training samples in {source}: {len(missing)} of its {len(shards)} tar shards do not "
+            f"exist (first: {missing[0]})"
+        )
     return shards
 
 
@@ -288,16 +311,29 @@ def _hf_dataset(source: str, split: str, *, local: bool):
         raise
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        hint = "" if local else (
-            f" If {source!r} is a Hub dataset, on a machine with internet run `hf download {source} --repo-type "
-            f"dataset` (or pass the --local-dir it wrote)")
-        raise EllaError(f"could not load dataset {source!r} (split {split!r}): {type(err).__name__}: {first}.{hint}"
-                        ) from err
+        hint = (
+            ""
+            if local
+            else (
+                f" If {source!r} is a Hub dataset, on a machine with internet run `hf download {source} --repo-type "
+                f"dataset` (or pass the --local-dir it wrote)"
+            )
+        )
+        raise EllaError(
+            f"could not load dataset {source!r} (split {split!r}): {type(err).__name__}: {first}.{hint}"
+        ) from err
 
 
-def open_dataset(source: str, aug: Augment, *, image_column: str = "image", caption_column: str = "text",
-                 split: str = "train", rank: int = 0, world_size: int = 1
-                 ) -> torch.utils.data.Dataset | torch.utils.data.IterableDataset:
+def open_dataset(
+    source: str,
+    aug: Augment,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.utils.data.Dataset | torch.utils.data.IterableDataset:
     """The dataset behind ``source``, recognised by what it contains (see the module docstring for the kinds).
 
     An empty source, missing shards or a misnamed column raise :class:`EllaError` here, before any
@@ -333,10 +369,12 @@ def open_dataset(source: str, aug: Augment, *, image_column: str = "image", capt
 def collate(samples: list[dict | None]) -> dict:
     """Stack the readable samples; ``skipped`` counts the rest (a batch may end up empty: the loop skips it)."""
     good = [s for s in samples if s is not None]
-    batch = {"skipped": len(samples) - len(good), "keys": [s["key"] for s in good],
-             "captions": [s["caption"] for s in good]}
+    batch = {
+        "skipped": len(samples) - len(good),
+        "keys": [s["key"] for s in good],
+        "captions": [s["caption"] for s in good],
+    }
     for name in ("pixel_values", "latents", "features", "feature_mask", "original_size", "crop_top_left"):
         if good and name in good[0]:
             batch[name] = torch.stack([s[name] for s in good])
     return batch
-

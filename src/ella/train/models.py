@@ -13,7 +13,8 @@ import torch
 
 from ..connector import TimestepAwareSemanticConnector
 from ..errors import EllaError
-from ..loading import check_offline, load_connector, loading
+from ..hub import check_offline, loading
+from ..loading import load_connector
 from .config import TrainConfig
 
 
@@ -65,8 +66,10 @@ def make_connector(cfg: TrainConfig, dims: Dims) -> TimestepAwareSemanticConnect
     else:
         width = dims.cross_attention_dim
         if width % cfg.connector_heads:
-            raise EllaError(f"the UNet's cross_attention_dim {width} is not divisible by --connector_heads "
-                            f"{cfg.connector_heads}; pick a head count that divides it")
+            raise EllaError(
+                f"the UNet's cross_attention_dim {width} is not divisible by --connector_heads "
+                f"{cfg.connector_heads}; pick a head count that divides it"
+            )
         connector = TimestepAwareSemanticConnector(
             width=width,
             layers=cfg.connector_layers,
@@ -79,14 +82,20 @@ def make_connector(cfg: TrainConfig, dims: Dims) -> TimestepAwareSemanticConnect
         )
     got = connector.config
     if got.input_dim != dims.llm_hidden:
-        raise EllaError(f"connector input_dim {got.input_dim} != LLM hidden size {dims.llm_hidden} "
-                        f"({cfg.llm_name_or_path}); use the LLM the connector was trained on, or start fresh")
+        raise EllaError(
+            f"connector input_dim {got.input_dim} != LLM hidden size {dims.llm_hidden} "
+            f"({cfg.llm_name_or_path}); use the LLM the connector was trained on, or start fresh"
+        )
     if got.width != dims.cross_attention_dim:
-        raise EllaError(f"connector width {got.width} != UNet cross_attention_dim {dims.cross_attention_dim} "
-                        f"({cfg.pretrained_model_name_or_path}); this connector was made for another UNet")
+        raise EllaError(
+            f"connector width {got.width} != UNet cross_attention_dim {dims.cross_attention_dim} "
+            f"({cfg.pretrained_model_name_or_path}); this connector was made for another UNet"
+        )
     if got.pooled_dim != dims.pooled_dim:
-        raise EllaError(f"connector pooled_dim {got.pooled_dim} but the UNet needs {dims.pooled_dim} "
-                        "(SDXL-style UNets need a pooling head, SD1.5-style ones none)")
+        raise EllaError(
+            f"connector pooled_dim {got.pooled_dim} but the UNet needs {dims.pooled_dim} "
+            "(SDXL-style UNets need a pooling head, SD1.5-style ones none)"
+        )
     return connector
 
 

@@ -67,22 +67,40 @@ def main(cfg: TrainConfig) -> Path:
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- Data first: an empty or unreadable dataset is an error before any model loads
-    aug = Augment(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-                  caption_dropout=cfg.caption_dropout, seed=cfg.seed)
-    dataset = open_dataset(cfg.train_data_dir or cfg.dataset_name, aug, image_column=cfg.image_column,
-                           caption_column=cfg.caption_column, split=cfg.dataset_split,
-                           rank=accelerator.process_index, world_size=accelerator.num_processes)
+    aug = Augment(
+        resolution=cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        caption_dropout=cfg.caption_dropout,
+        seed=cfg.seed,
+    )
+    dataset = open_dataset(
+        cfg.train_data_dir or cfg.dataset_name,
+        aug,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column,
+        split=cfg.dataset_split,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
     cache = getattr(dataset, "index", None)  # an `ella cache` directory: latents (and maybe features) precomputed
     cached_llm = (cache or {}).get("llm")
     if cached_llm and cached_llm["max_length"] != cfg.llm_max_length:
-        raise EllaError(f"the cache's LLM features are {cached_llm['max_length']} tokens long but --llm_max_length is "
-                        f"{cfg.llm_max_length}; use the same length (validation and inference encode with it)")
+        raise EllaError(
+            f"the cache's LLM features are {cached_llm['max_length']} tokens long but --llm_max_length is "
+            f"{cfg.llm_max_length}; use the same length (validation and inference encode with it)"
+        )
     if cached_llm and cached_llm["name"] != cfg.llm_name_or_path:
-        warnings.warn(f"the cache's features come from {cached_llm['name']!r}, but --llm_name_or_path is "
-                      f"{cfg.llm_name_or_path!r} (used for validation and recorded with the weights)", stacklevel=2)
+        warnings.warn(
+            f"the cache's features come from {cached_llm['name']!r}, but --llm_name_or_path is "
+            f"{cfg.llm_name_or_path!r} (used for validation and recorded with the weights)",
+            stacklevel=2,
+        )
     if cache and cache["resolution"] != cfg.resolution:
-        raise EllaError(f"the cache at {cfg.train_data_dir} was made at resolution {cache['resolution']}, "
-                        f"but --resolution is {cfg.resolution}")
+        raise EllaError(
+            f"the cache at {cfg.train_data_dir} was made at resolution {cache['resolution']}, "
+            f"but --resolution is {cfg.resolution}"
+        )
 
     # ---- Sizes from config files, then the connector; dimension mismatches fail here, in a second
     dims = read_dims(cfg, cached_llm["hidden_size"] if cached_llm else None)
@@ -93,9 +111,11 @@ def main(cfg: TrainConfig) -> Path:
         cfg, weight_dtype, device, need_vae=cache is None, need_llm=cached_llm is None
     )
     if cache and abs(cache["vae"]["scaling_factor"] - vae_scaling(cfg)) > 1e-9:
-        raise EllaError(f"the cache's latents were scaled by {cache['vae']['scaling_factor']}, but this base's VAE "
-                        f"uses {vae_scaling(cfg)}: re-run `ella cache` with --pretrained_model_name_or_path "
-                        f"{cfg.pretrained_model_name_or_path}")
+        raise EllaError(
+            f"the cache's latents were scaled by {cache['vae']['scaling_factor']}, but this base's VAE "
+            f"uses {vae_scaling(cfg)}: re-run `ella cache` with --pretrained_model_name_or_path "
+            f"{cfg.pretrained_model_name_or_path}"
+        )
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     # On an H100 compile gives 1.27x (benchmarks/RESULTS.md); channels_last did not help the compiled UNet.
@@ -111,11 +131,20 @@ def main(cfg: TrainConfig) -> Path:
         except ImportError:
             raise EllaError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         optimizer_cls, extra = bnb.optim.AdamW8bit, {}
-    optimizer = optimizer_cls(connector.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **extra)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    optimizer = optimizer_cls(
+        connector.parameters(),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        **extra,
+    )
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.max_train_steps * accelerator.num_processes,
+    )
     ema = None
     if cfg.use_ema:
         from diffusers.training_utils import EMAModel
@@ -135,7 +164,8 @@ def main(cfg: TrainConfig) -> Path:
         pin_memory=device.type == "cuda",
         # A short last batch would make the compiled UNet compile again (static shapes): over a minute on
         # an H100 host with three runs compiling at once, which stalled a time-limited run past its deadline.
-        drop_last=cfg.torch_compile and not isinstance(dataset, torch.utils.data.IterableDataset)
+        drop_last=cfg.torch_compile
+        and not isinstance(dataset, torch.utils.data.IterableDataset)
         and len(dataset) >= cfg.train_batch_size * accelerator.num_processes,
     )
     connector, optimizer, lr_scheduler = accelerator.prepare(connector, optimizer, lr_scheduler)
@@ -157,15 +187,23 @@ def main(cfg: TrainConfig) -> Path:
         accelerator.init_trackers("ella-train", config=tracker_config(cfg))
 
     # ---- The loop
-    bar = tqdm(total=cfg.max_train_steps, initial=progress.global_step, desc="train", unit="step",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_train_steps,
+        initial=progress.global_step,
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
     generator = torch.Generator(device=device)
     window_start, window_samples, data_wait = time.perf_counter(), 0, [0.0]
     deadline = started + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
     stopped_by = "steps"
     while progress.global_step < cfg.max_train_steps and stopped_by == "steps":
         start_epoch(loader, dataset, progress.epoch)
-        batches = accelerator.skip_first_batches(loader, progress.batches_in_epoch) if progress.batches_in_epoch else loader
+        batches = (
+            accelerator.skip_first_batches(loader, progress.batches_in_epoch) if progress.batches_in_epoch else loader
+        )
         for batch in timed(batches, data_wait):
             progress.batches_in_epoch += 1
             progress.micro_steps += 1
@@ -176,9 +214,19 @@ def main(cfg: TrainConfig) -> Path:
             with accelerator.accumulate(connector):
                 latents = batch_latents(batch, vae, device)
                 features, mask = batch_features(batch, llm, cfg, device)
-                loss = diffusion_loss(connector, unet_forward, noise_scheduler, latents, features, mask, dims=dims,
-                                      time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
-                                      generator=generator, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+                loss = diffusion_loss(
+                    connector,
+                    unet_forward,
+                    noise_scheduler,
+                    latents,
+                    features,
+                    mask,
+                    dims=dims,
+                    time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
+                    generator=generator,
+                    noise_offset=cfg.noise_offset,
+                    snr_gamma=cfg.snr_gamma,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(connector.parameters(), cfg.max_grad_norm)
@@ -195,26 +243,54 @@ def main(cfg: TrainConfig) -> Path:
                 ema.step(connector.parameters())
             if progress.global_step % cfg.logging_steps == 0 or progress.global_step == 1:
                 elapsed = time.perf_counter() - window_start
-                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0],
-                        "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped_samples": progress.skipped,
-                        "data_wait_fraction": data_wait[0] / max(elapsed, 1e-9)}
+                logs = {
+                    "loss": loss.detach().item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "skipped_samples": progress.skipped,
+                    "data_wait_fraction": data_wait[0] / max(elapsed, 1e-9),
+                }
                 if device.type == "cuda":
                     logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 accelerator.log(logs, step=progress.global_step)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", sps=f"{logs['samples_per_s']:.1f}", skipped=progress.skipped,
-                                data_wait=f"{logs['data_wait_fraction']:.0%}")
+                bar.set_postfix(
+                    loss=f"{logs['loss']:.4f}",
+                    sps=f"{logs['samples_per_s']:.1f}",
+                    skipped=progress.skipped,
+                    data_wait=f"{logs['data_wait_fraction']:.0%}",
+                )
                 window_start, window_samples, data_wait[0] = time.perf_counter(), 0, 0.0
             done = progress.global_step >= cfg.max_train_steps
             if not done and out_of_time(deadline):
                 done, stopped_by = True, "time"
-                accelerator.print(f"--max_train_minutes {cfg.max_train_minutes} reached: stopping at step "
-                                  f"{progress.global_step} of {cfg.max_train_steps} (resume to go on)")
+                accelerator.print(
+                    f"--max_train_minutes {cfg.max_train_minutes} reached: stopping at step "
+                    f"{progress.global_step} of {cfg.max_train_steps} (resume to go on)"
+                )
             if progress.global_step % cfg.checkpointing_steps == 0 or done:
-                save_checkpoint(accelerator, output_dir, progress, accelerator.unwrap_model(connector), ema,
-                                cfg.checkpoints_total_limit)
+                save_checkpoint(
+                    accelerator,
+                    output_dir,
+                    progress,
+                    accelerator.unwrap_model(connector),
+                    ema,
+                    cfg.checkpoints_total_limit,
+                )
             if cfg.validation_prompts and (progress.global_step % cfg.validation_steps == 0 or done):
-                run_validation(cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, noise_scheduler, dims,
-                               progress.global_step, weight_dtype)
+                run_validation(
+                    cfg,
+                    accelerator,
+                    connector,
+                    ema,
+                    unet,
+                    vae,
+                    llm,
+                    tokenizer,
+                    noise_scheduler,
+                    dims,
+                    progress.global_step,
+                    weight_dtype,
+                )
             if done:
                 break
         else:  # the epoch ran out before max_train_steps
@@ -225,10 +301,17 @@ def main(cfg: TrainConfig) -> Path:
     # ---- Final weights beside the checkpoints: the files a user loads
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export_connector(accelerator.unwrap_model(connector), ema, output_dir,
-                         {"steps": progress.global_step, "max_train_steps": cfg.max_train_steps,
-                          "samples_seen": progress.samples_seen * accelerator.num_processes,
-                          "stopped_by": stopped_by})
+        export_connector(
+            accelerator.unwrap_model(connector),
+            ema,
+            output_dir,
+            {
+                "steps": progress.global_step,
+                "max_train_steps": cfg.max_train_steps,
+                "samples_seen": progress.samples_seen * accelerator.num_processes,
+                "stopped_by": stopped_by,
+            },
+        )
         if progress.skipped:
             accelerator.print(f"skipped {progress.skipped} corrupt or unreadable samples")
     accelerator.end_training()
@@ -238,8 +321,20 @@ def main(cfg: TrainConfig) -> Path:
 # ----------------------------------------------------------------------------- the training step
 
 
-def diffusion_loss(connector, unet, noise_scheduler, latents, features, mask, *, dims: Dims, time_ids=None,
-                   generator=None, noise_offset: float = 0.0, snr_gamma: float | None = None) -> torch.Tensor:
+def diffusion_loss(
+    connector,
+    unet,
+    noise_scheduler,
+    latents,
+    features,
+    mask,
+    *,
+    dims: Dims,
+    time_ids=None,
+    generator=None,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
     """The frozen UNet's denoising loss with the connector's tokens as its text condition.
 
     One random timestep per sample (uniform over the training schedule, as in SD's own training);
@@ -248,10 +343,12 @@ def diffusion_loss(connector, unet, noise_scheduler, latents, features, mask, *,
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator,
-                                                   device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator,
-                              device=latents.device)
+        noise = noise + noise_offset * torch.randn(
+            (batch, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
+    )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     tokens = connector(features, timesteps, mask)
     follows_text = mask is not None and getattr(connector, "output_follows_text", False)
@@ -259,8 +356,14 @@ def diffusion_loss(connector, unet, noise_scheduler, latents, features, mask, *,
     if dims.sdxl_style:
         pool = connector.module.pool if hasattr(connector, "module") else connector.pool
         added = {"text_embeds": pool(tokens, mask), "time_ids": time_ids.to(latents.device, tokens.dtype)}
-    pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=tokens.to(unet.dtype),
-                encoder_attention_mask=mask if follows_text else None, added_cond_kwargs=added, return_dict=False)[0]
+    pred = unet(
+        noisy.to(unet.dtype),
+        timesteps,
+        encoder_hidden_states=tokens.to(unet.dtype),
+        encoder_attention_mask=mask if follows_text else None,
+        added_cond_kwargs=added,
+        return_dict=False,
+    )[0]
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
@@ -374,7 +477,9 @@ def check_output_dir(path: str) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise EllaError(f"--output_dir {out} is not writable ({err.strerror}); pick a directory you can write to")
+        raise EllaError(
+            f"--output_dir {out} is not writable ({err.strerror}); pick a directory you can write to"
+        ) from None
     return out
 
 
@@ -399,8 +504,9 @@ def tracker_config(cfg: TrainConfig) -> dict:
 
 
 @torch.no_grad()
-def run_validation(cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, noise_scheduler, dims, step,
-                   weight_dtype) -> None:
+def run_validation(
+    cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, noise_scheduler, dims, step, weight_dtype
+) -> None:
     """Images for the fixed validation prompts (EMA weights if on) → PNG grid + trackers."""
     from .validation import validation_images
 
@@ -412,11 +518,9 @@ def run_validation(cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, 
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
     try:
-        validation_images(cfg, model, unet, vae, llm, tokenizer, noise_scheduler, dims, step, weight_dtype,
-                          accelerator)
+        validation_images(cfg, model, unet, vae, llm, tokenizer, noise_scheduler, dims, step, weight_dtype, accelerator)
     finally:
         if ema is not None:
             ema.restore(model.parameters())
         model.train()
     accelerator.wait_for_everyone()
-

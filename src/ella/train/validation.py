@@ -13,18 +13,20 @@ import numpy as np
 import torch
 
 
-def validation_images(cfg, connector, unet, vae, llm, tokenizer, noise_scheduler, dims, step: int, weight_dtype,
-                      accelerator) -> Path | None:
+def validation_images(
+    cfg, connector, unet, vae, llm, tokenizer, noise_scheduler, dims, step: int, weight_dtype, accelerator
+) -> Path | None:
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
     from PIL import Image
 
-    from ..loading import atomic_path
+    from ..io import atomic_path
     from ..pipelines import EllaStableDiffusionPipeline
     from ..text import load_llm
 
     if dims.sdxl_style:
-        warnings.warn("validation images for SDXL-style UNets need the ELLA-SDXL pipeline (issue 6); skipped",
-                      stacklevel=2)
+        warnings.warn(
+            "validation images for SDXL-style UNets need the ELLA-SDXL pipeline (issue 6); skipped", stacklevel=2
+        )
         return None
     device = accelerator.device
     if vae is None:  # training from cached latents: the VAE is only needed here
@@ -32,10 +34,17 @@ def validation_images(cfg, connector, unet, vae, llm, tokenizer, noise_scheduler
     if llm is None:  # cached features: so is the LLM
         llm, tokenizer = load_llm(cfg.llm_name_or_path, dtype=weight_dtype, device=device)
     pipe = EllaStableDiffusionPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
         scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-        connector=connector.eval(), llm=llm, llm_tokenizer=tokenizer, llm_max_length=cfg.llm_max_length,
-        llm_flexible=cfg.flexible_features, llm_hidden_layer=cfg.llm_hidden_layer,
+        connector=connector.eval(),
+        llm=llm,
+        llm_tokenizer=tokenizer,
+        llm_max_length=cfg.llm_max_length,
+        llm_flexible=cfg.flexible_features,
+        llm_hidden_layer=cfg.llm_hidden_layer,
     )
     pipe.set_progress_bar_config(disable=True)
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
@@ -43,9 +52,15 @@ def validation_images(cfg, connector, unet, vae, llm, tokenizer, noise_scheduler
     for i, prompt in enumerate(cfg.validation_prompts):
         generator = torch.Generator(device).manual_seed(cfg.seed + i)
         with autocast:
-            out = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
-                       guidance_scale=cfg.validation_guidance_scale, height=cfg.resolution, width=cfg.resolution,
-                       generator=generator, output_type="np")
+            out = pipe(
+                prompt,
+                num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                generator=generator,
+                output_type="np",
+            )
         images.append(out.images[0])
     stacked = np.stack(images)
     for tracker in accelerator.trackers:
