@@ -103,17 +103,41 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: The model flags' defaults. They are parsed as None and filled in by ``model_defaults`` so that a command
+#: can tell a flag the user gave from one left at its default (``generate --model shapes`` refuses the former).
+MODEL_DEFAULTS = {
+    "base": DEFAULT_BASE,
+    "ella": DEFAULT_ELLA_REPO,
+    "llm": DEFAULT_LLM,
+    "dtype": "auto",
+    "max_length": DEFAULT_MAX_LENGTH,
+    "scheduler": "dpm++",
+}
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default=DEFAULT_BASE, help="diffusers dir, hub id or single .safetensors/.ckpt file")
-    p.add_argument("--ella", default=DEFAULT_ELLA_REPO, help="official .safetensors, save_pretrained dir, or hub id")
-    p.add_argument("--llm", default=DEFAULT_LLM, help="any HF encoder / T5 / decoder-only LM (dir or hub id)")
+    p.add_argument("--base", help=f"diffusers dir, hub id or single .safetensors/.ckpt file (default: {DEFAULT_BASE})")
+    p.add_argument(
+        "--ella", help=f"official .safetensors, save_pretrained dir, or hub id (default: {DEFAULT_ELLA_REPO})"
+    )
+    p.add_argument("--llm", help=f"any HF encoder / T5 / decoder-only LM, dir or hub id (default: {DEFAULT_LLM})")
     p.add_argument("--llm-layer", type=int, default=None, help="hidden layer to read (default: the last)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--dtype", help="auto (fp16 on CUDA, fp32 on CPU; the default), float16, bfloat16, float32")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="fixed mode: pad to this length")
+    length.add_argument(
+        "--max-length", type=int, help=f"fixed mode: pad to this length (default: {DEFAULT_MAX_LENGTH})"
+    )
     length.add_argument("--flexible", action="store_true", help="flexible mode: each prompt at its own length")
-    p.add_argument("--scheduler", default="dpm++", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name")
+    p.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name (default: dpm++)")
+
+
+def model_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the model flags the user left out with :data:`MODEL_DEFAULTS`."""
+    for name, value in MODEL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def add_bench_parser(sub) -> None:
@@ -232,6 +256,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .shapes.cli import generate as generate_shapes
 
         return generate_shapes(args, given)
+    model_defaults(args)
     settings = SampleSettings(
         **{
             **given,
@@ -276,6 +301,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.action == "generate":
+        model_defaults(args)
     from .bench import run as bench_run
 
     return {"generate": bench_run.generate, "score": bench_run.score, "compare": bench_run.compare}[args.action](args)
