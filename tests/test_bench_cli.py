@@ -52,3 +52,10 @@ def test_generate_score_compare_dsg1k(tiny_sd, tiny_ella_file, tiny_t5, tmp_path
 
     bad = run_ella("bench", "dpg", "score", str(tmp_path / "ella"), "--vqa", f"blip:{blip}")
     assert bad.returncode == 2 and "download dpg_bench.csv" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_bad_flag_is_one_line_and_exit_2_in_a_real_process(tmp_path):
+    """In-process checks are in test_bench_inputs.py; here the exit status a shell sees."""
+    out = run_ella("bench", "dpg", "generate", "--out", str(tmp_path / "out"), "--benchmark", "dsg1k", "--limit", "-1")
+    assert out.returncode == 2 and out.stderr == "ella: error: --limit must be at least 1 (the first N items); got -1\n"
+    assert not (tmp_path / "out").exists()

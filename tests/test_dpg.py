@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ella.bench.data import BenchmarkDataWarning, dpg_prompts, git_blob_sha1, load_benchmark
+from ella.bench import data
+from ella.bench.data import BenchmarkDataWarning, categories, dpg_prompts, git_blob_sha1, load_benchmark
 from ella.bench.dpg import score, split_grid
 from ella.bench.generate import generate_grids, make_grid, shard_items
+from ella.bench.vqa import FakeVQA
 from ella.errors import EllaError
 
 HEADER = [
@@ -46,11 +50,11 @@ NOT_YES = {
 }
 
 
-def write_csv(path):
-    with path.open("w", newline="") as f:
+def write_csv(path, rows=ROWS, encoding="utf-8"):
+    with path.open("w", newline="", encoding=encoding) as f:
         w = csv.writer(f)
         w.writerow(HEADER)
-        for item, pid, dep, tup, q in ROWS:
+        for item, pid, dep, tup, q in rows:
             w.writerow([item, f"prompt {item}", "", pid, dep, tup.split(" - ")[0], "", tup, q])
     return path
 
@@ -158,11 +162,123 @@ def test_dpg_data_and_csv_errors(tmp_path):
 
 
 def test_git_blob_hash_matches_git(tmp_path):
-    import subprocess
-
     (tmp_path / "f").write_bytes(b"hello\n")
     out = subprocess.run(["git", "hash-object", str(tmp_path / "f")], capture_output=True, text=True)
     assert git_blob_sha1(tmp_path / "f") == out.stdout.strip()
+
+
+# ------------------------------------------------------------------------- category rule
+
+
+def test_categories_follow_the_official_rule():
+    """compute_dpg_bench.py: level 2 = tuple before "("; level 1 = level 2 before "-"."""
+    assert categories("attribute - color (book, red)") == ("attribute", "attribute - color")
+    assert categories("global (t-shirt)") == ("global", "global")  # no " - ": level 1 is level 2
+    assert categories("global (thing)") == ("global", "global")
+    assert categories("entity - whole (t-shirt)") == ("entity", "entity - whole")  # "-" in the arguments
+    assert categories("global - - (military diagram)") == ("global", "global - -")  # as in DSG-1k
+    assert categories("  relation - spatial(x-ray, desk, on)") == ("relation", "relation - spatial")
+
+
+# Item "first" soaks up the official-compat skip of data row 0 (it has no grid either way);
+# item "g" has tuples with no " - " before "(" and a "-" inside the parentheses.
+ODD_ROWS = [
+    ("first", "1", "0", "entity - whole (cup)", "Is there a cup?"),
+    ("g", "1", "0", "global (t-shirt)", "Is this a t-shirt photo?"),
+    ("g", "2", "0", "entity - whole (t-shirt)", "Is there a t-shirt?"),
+    ("g", "3", "2", "attribute - color (t-shirt, blue-green)", "Is the t-shirt blue-green?"),
+    ("g", "4", "0", 'other - text (sign, "x-ray")', 'Does the sign say "x-ray"?'),
+]
+
+
+def odd_answer(image, question):
+    """No to the photo question on tiles 0 and 1, no to the colour on tile 3 (tile = red // 60)."""
+    tile = image.getpixel((0, 0))[0] // 60
+    if (question, tile) in {("Is this a t-shirt photo?", 0), ("Is this a t-shirt photo?", 1)}:
+        return "no"
+    if (question, tile) == ("Is the t-shirt blue-green?", 3):
+        return "no"
+    return "yes"
+
+
+@pytest.mark.parametrize("official_compat", [False, True])
+def test_category_scores_use_the_official_rule(tmp_path, official_compat):
+    csv_path = write_csv(tmp_path / "q.csv", ODD_ROWS)
+    images = tmp_path / "images"
+    images.mkdir()
+    make_grid([Image.new("RGB", (16, 16), (60 * k, 0, 0)) for k in range(4)]).save(images / "g.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BenchmarkDataWarning)
+        result = score(images, csv_path, FakeVQA(odd_answer), official_compat=official_compat)
+    # tiles: q1 no on 0, 1; q3 no on 3 (q3's parent q2 is yes everywhere) -> 3/4, 3/4, 4/4, 3/4
+    assert result["items"]["g"]["tiles"] == [0.75, 0.75, 1.0, 0.75]
+    if official_compat:  # categories from the last tile only
+        expected = {"global": 100.0, "entity": 100.0, "attribute": 0.0, "other": 100.0}
+    else:  # every tile: photo yes 2/4, colour yes 3/4
+        expected = {"global": 50.0, "entity": 100.0, "attribute": 75.0, "other": 100.0}
+    assert result["categories"] == expected
+    assert result["subcategories"] == {
+        "global": expected["global"],
+        "entity - whole": expected["entity"],
+        "attribute - color": expected["attribute"],
+        "other - text": expected["other"],
+    }
+
+
+# ------------------------------------------------------------------------- hostile CSVs
+
+
+def test_duplicate_propositions_are_refused(tmp_path):
+    rows = [*ROWS[:4], ("a", "2", "1", "attribute - shape (cat, round)", "Is the cat round?")]
+    path = write_csv(tmp_path / "dup.csv", rows)
+    with pytest.raises(EllaError) as err:
+        load_benchmark("dpg", path)
+    message = str(err.value)
+    assert "\n" not in message and "1 duplicate (item_id, proposition_id) rows" in message
+    assert "a proposition 2 (data row 5)" in message
+
+
+def test_duplicates_in_the_official_file_warn_once_and_keep_what_the_official_keeps(tmp_path, monkeypatch):
+    """The official scorer keys questions by id: the last row's question, in the first row's place."""
+    rows = [*ROWS[:4], ("a", "2", "1", "attribute - shape (cat, round)", "Is the cat round?"), *ROWS[4:6]]
+    rows.append(("b", "1", "0", "entity - whole (lamp)", "Is there a lamp at all?"))
+    path = write_csv(tmp_path / "dpg_bench.csv", rows)
+    monkeypatch.setattr(data, "DPG_CSV_BLOB", git_blob_sha1(path))  # as if this were the official file
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bench = load_benchmark("dpg", path)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "2 duplicate (item_id, proposition_id) rows" in messages[0]
+    assert "kept the last row" in messages[0]
+    assert [(q.proposition_id, q.question) for q in bench.questions["a"]] == [
+        (1, "Is there a cat?"),
+        (2, "Is the cat round?"),
+        (3, "Is the red cat on the chair?"),
+        (4, "Is this a photo?"),
+    ]
+    assert [q.question for q in bench.questions["b"]] == ["Is there a lamp at all?", "Is the lamp green?"]
+
+
+def test_a_latin1_csv_is_one_clear_line(tmp_path):
+    rows = [("a", "1", "0", "entity - whole (café)", "Is there a café?")]
+    path = write_csv(tmp_path / "latin1.csv", rows, encoding="latin-1")
+    with pytest.raises(EllaError) as err:
+        load_benchmark("dpg", path)
+    message = str(err.value)
+    assert str(path) in message and "not UTF-8" in message and "line 2: byte 0xe9" in message and "\n" not in message
+    # the same file as UTF-8, even with a spreadsheet's byte-order mark, reads
+    utf8 = tmp_path / "utf8.csv"
+    utf8.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().decode("latin-1").encode("utf-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BenchmarkDataWarning)
+        assert load_benchmark("dpg", utf8).questions["a"][0].question == "Is there a café?"
+
+
+def test_a_short_row_is_one_clear_line(tmp_path):
+    path = write_csv(tmp_path / "q.csv", ROWS[:2])
+    path.write_text(path.read_text() + "a,prompt a,,3\n")
+    with pytest.raises(EllaError, match=r"data row 3 has fewer fields than the header \(no dependency, tuple"):
+        load_benchmark("dpg", path)
 
 
 PROMPTS = {"1": "a red cat", "2": "a green lamp", "10": "two blue squares", "x": "a dog"}
@@ -206,7 +322,5 @@ def test_tile_k_is_seed_plus_k(pipe, tmp_path):
     alone = pipe(
         "a red cat", generator=torch.Generator().manual_seed(5 + 3), height=32, width=32, num_inference_steps=2
     ).images[0]
-    import numpy as np
-
     diff = np.abs(np.asarray(split_grid(grid)[3], dtype=int) - np.asarray(alone, dtype=int)).max()
     assert diff <= 1  # bottom-right tile is seed + 3 (batch-size rounding: one 8-bit level)

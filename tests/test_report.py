@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import sys
 
 import pytest
 from PIL import Image
 
 from ella.bench.report import PAPER_ROWS, compare, load_result, paper_rows_with, to_markdown, write_report
-from ella.errors import EllaError
+from ella.errors import EllaError, MissingExtraError
 
 
 def make_result(overall: float = 78.456, **settings) -> dict:
@@ -87,6 +89,32 @@ def test_write_report_nan_category(tmp_path):
     result["categories"]["other"] = float("nan")
     paths = write_report(result, tmp_path)
     assert "| other | — |" in paths["md"].read_text(encoding="utf-8")
+
+
+def test_no_score_is_null_in_json_never_nan(tmp_path):
+    """A run whose every image failed has no overall; JSON has no NaN, so "no score" is null."""
+    result = make_result(overall=float("nan"))
+    result["categories"]["other"] = float("nan")
+    paths = write_report(result, tmp_path)
+    text = paths["json"].read_text(encoding="utf-8")
+    assert "NaN" not in text and json.loads(text, parse_constant=pytest.fail)["overall"] is None
+    loaded = load_result(paths["json"])
+    assert loaded["categories"]["other"] is None and loaded["categories"]["entity"] == 81.234
+    md = to_markdown(loaded)
+    assert "**Overall: —**" in md and "| other | — |" in md and "**yours**" not in md
+    assert to_markdown(result) == md  # NaN before the round trip, null after: the same report
+    assert "| other | — | — | — |" in compare(loaded, result)
+    assert math.isnan(result["overall"])  # the caller's dict is not changed
+    with pytest.raises(ValueError):  # infinity is never a score: a bug, not a null
+        write_report(make_result(overall=float("inf")), tmp_path / "inf")
+    assert not (tmp_path / "inf").exists()
+
+
+def test_write_report_without_matplotlib_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed, even where it is
+    with pytest.raises(MissingExtraError, match=r"pip install 'ella-diffusion\[bench\]'"):
+        write_report(make_result(), tmp_path / "report")
+    assert not (tmp_path / "report").exists()
 
 
 def test_compare_deltas():

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForQuestionAnswering,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ella.bench.vqa import (
     CachedVQA,
@@ -167,8 +183,6 @@ def test_unknown_spec_lists_valid_forms():
 
 
 def test_mplug_without_modelscope_says_what_to_install(monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "modelscope", None)  # as if not installed, even where it is
     for make in (lambda: load_vqa("mplug"), lambda: load_vqa("mplug:damo/other"), MplugVQA):
         with pytest.raises(EllaError) as err:
@@ -191,8 +205,6 @@ def test_missing_blip_offline_is_one_paragraph(monkeypatch):
 def _spread(model, std: float = 0.3) -> None:
     """Re-draw the weight matrices wider: at the usual init (std 0.02) a tiny model gives every input
     the same answer, which would let a batching bug (an answer depending on its neighbours) pass."""
-    import torch
-
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
@@ -210,10 +222,6 @@ def build_tiny_blip_vqa(path: Path, seed: int = 0) -> Path:
     ``model.safetensors``, ``preprocessor_config.json`` (saying ``BlipImageProcessor``, the torchvision
     class, so loading must fall back to the PIL one when torchvision is absent) and a WordPiece
     ``BertTokenizer`` (``vocab.txt``, ``tokenizer.json``, ...) with BLIP's ``[DEC]`` bos token."""
-    import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(BLIP_VOCAB) + "\n")
     tokenizer = BertTokenizer(vocab=str(path / "vocab.txt"), bos_token="[DEC]", model_max_length=512)
@@ -273,18 +281,6 @@ def test_blip_end_to_end(tiny_blip, tmp_path):
 
 def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     """A random LLaVA (CLIP vision tower + Llama) with a word-level tokenizer and a chat template."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     words = ["<pad>", "<s>", "</s>", "<unk>", "<image>"] + sorted(
         {"USER", "ASSISTANT", ":", "?", ".", ",", "yes", "no", "Yes", "No", "is", "there", "a", "cat", "dog", "red"}
         | {"blue", "Answer", "or"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +40,19 @@ def git_blob_sha1(path: str | Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def categories(tuple_text: str) -> tuple[str, str]:
+    """``(level 1, level 2)`` categories of a question's ``tuple``, by the official scorer's rule.
+
+    ``compute_dpg_bench.py`` takes level 2 as the tuple before "(" and level 1 as *that* before
+    "-". Splitting the whole tuple on "-" instead differs whenever the tuple has no " - " before
+    "(" (``global (t-shirt)``: level 1 is "global", not "global (t") and reads the parenthesised
+    arguments as part of the category; every score by category goes through here, in both modes,
+    so ours and the official's group questions alike.
+    """
+    level2 = tuple_text.split("(")[0].strip()
+    return level2.split("-")[0].strip(), level2
+
+
 @dataclass(frozen=True)
 class Question:
     proposition_id: int
@@ -49,12 +63,12 @@ class Question:
     @property
     def subcategory(self) -> str:
         """Level-2 category: the tuple before "(" (e.g. "attribute - color")."""
-        return self.tuple.split("(")[0].strip()
+        return categories(self.tuple)[1]
 
     @property
     def category(self) -> str:
-        """Level-1 category: the tuple before "-" (entity, attribute, relation, global, other)."""
-        return self.tuple.split("-")[0].strip()
+        """Level-1 category: the level-2 category before "-" (entity, attribute, relation, global, other)."""
+        return categories(self.tuple)[0]
 
 
 @dataclass
@@ -103,15 +117,32 @@ def read_questions(csv_path: str | Path, *, official_compat: bool = False) -> tu
     row, so the first item loses its first proposition. Dependency entries that are not
     proposition ids (DSG-1k has 10, e.g. ``"5, right"`` — an annotation slip; the official parser
     crashes on them) are ignored and reported.
+
+    Two rows with the same ``(item_id, proposition_id)`` are refused: the official scorer keys
+    questions by proposition id, so the second would silently replace the first there and count
+    once. Only the official files themselves (by git blob) are read anyway, with one warning,
+    keeping what the official scorer keeps (the last row's question, at the first row's place):
+    neither packaged file has such rows, and refusing the official DPG-Bench file would leave no
+    way to score it.
     """
     path = Path(csv_path)
     if not path.is_file():
         raise EllaError(f"question file {path} does not exist (DPG-Bench: download it from {DPG_CSV_URL})")
-    questions: dict[str, list[Question]] = {}
+    questions: dict[str, dict[int, Question]] = {}
     texts: dict[str, str] = {}
-    skipped, ignored = [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    skipped, ignored, duplicates = [], [], []
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise EllaError(
+            f"{path} is not UTF-8 text (line {line}: byte 0x{data[err.start]:02x}); "
+            "the question file must be UTF-8, as the official one is: save it as UTF-8"
+        ) from None
+    # a byte-order mark (spreadsheets write one) would otherwise hide the item_id column
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
+    try:
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise EllaError(f"{path} is not a DPG-Bench/DSG question CSV: missing columns {', '.join(missing)}")
@@ -119,26 +150,52 @@ def read_questions(csv_path: str | Path, *, official_compat: bool = False) -> tu
             if official_compat and row_number == 0:
                 skipped.append(row_number)
                 continue
-            parents = []
-            for entry in row["dependency"].split(","):
-                if entry.strip().isdigit():
-                    parents.append(int(entry))
-                else:
-                    ignored.append(f"{row['item_id']} proposition {row['proposition_id']}: {entry.strip()!r}")
-            try:
-                q = Question(
-                    proposition_id=int(row["proposition_id"]),
-                    parents=tuple(parents) or (0,),
-                    tuple=row["tuple"],
-                    question=row["question_natural_language"],
-                )
-            except ValueError as err:
-                raise EllaError(f"{path}: data row {row_number + 1} ({row['item_id']}) is malformed: {err}") from None
-            questions.setdefault(row["item_id"], []).append(q)
-            texts.setdefault(row["item_id"], row["text"])
+            item_id, q = _question(path, row_number, row, ignored)
+            item_questions = questions.setdefault(item_id, {})
+            if q.proposition_id in item_questions:
+                duplicates.append(f"{item_id} proposition {q.proposition_id} (data row {row_number + 1})")
+            item_questions[q.proposition_id] = q
+            texts.setdefault(item_id, row["text"])
+    except csv.Error as err:
+        raise EllaError(f"{path} is not a readable CSV (line {reader.line_num}: {err})") from None
+    if duplicates:
+        if git_blob_sha1(path) not in (DPG_CSV_BLOB, DSG1K_CSV_BLOB):
+            raise EllaError(
+                f"{path} has {len(duplicates)} duplicate (item_id, proposition_id) rows (first: {duplicates[0]}); "
+                "each proposition of an item must appear once"
+            )
+        warnings.warn(
+            f"{path}: {len(duplicates)} duplicate (item_id, proposition_id) rows (first: {duplicates[0]}); "
+            "kept the last row of each at the first one's place, as the official scorer does",
+            BenchmarkDataWarning,
+            stacklevel=3,
+        )
     if not questions:
         raise EllaError(f"{path} has no question rows")
-    return questions, texts, skipped, ignored
+    return {k: list(v.values()) for k, v in questions.items()}, texts, skipped, ignored
+
+
+def _question(path: Path, row_number: int, row: dict, ignored: list[str]) -> tuple[str, Question]:
+    """One CSV row as ``(item_id, Question)``; malformed rows are one clear error."""
+    short = [c for c in COLUMNS if row.get(c) is None]
+    if short:
+        raise EllaError(f"{path}: data row {row_number + 1} has fewer fields than the header (no {', '.join(short)})")
+    parents = []
+    for entry in row["dependency"].split(","):
+        if entry.strip().isdigit():
+            parents.append(int(entry))
+        else:
+            ignored.append(f"{row['item_id']} proposition {row['proposition_id']}: {entry.strip()!r}")
+    try:
+        q = Question(
+            proposition_id=int(row["proposition_id"]),
+            parents=tuple(parents) or (0,),
+            tuple=row["tuple"],
+            question=row["question_natural_language"],
+        )
+    except ValueError as err:
+        raise EllaError(f"{path}: data row {row_number + 1} ({row['item_id']}) is malformed: {err}") from None
+    return row["item_id"], q
 
 
 def load_benchmark(

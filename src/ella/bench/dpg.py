@@ -5,7 +5,8 @@ one prompt's images (top-left, top-right, bottom-left, bottom-right); every ques
 is asked of every tile; "yes" scores 1, anything else 0; then the dependency rule, in CSV order:
 a question any of whose parents scored 0 scores 0 (parents already zeroed count as 0); tile
 score = mean over the item's questions, item score = mean over tiles, overall = 100 x mean over
-items. Category scores: level 1 (``tuple`` before "-") and level 2 (before "(").
+items. Category scores, by the official rule (:func:`ella.bench.data.categories`): level 2 is
+the ``tuple`` before "(", level 1 is level 2 before "-".
 
 The official script's defects, fixed by default and reproduced with ``official_compat=True``:
 
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from .data import Benchmark, load_benchmark
 from .vqa import ask_batch
@@ -134,8 +136,6 @@ def score_items(
     items, errors = {}, []
     ids = list(benchmark.questions) if item_ids is None else item_ids
     if progress:
-        from tqdm import tqdm
-
         ids = tqdm(ids, desc="scoring", unit="item")
     for item_id in ids:
         path = find_image(images_dir, item_id)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from ..errors import EllaError
 from ..io import atomic_path
@@ -48,17 +49,20 @@ def check_manifest(out_dir: Path, manifest: dict, write: bool) -> None:
     """Refuse to resume into a folder generated with other settings; write the manifest if asked."""
     path = out_dir / "manifest.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        changed = {
-            k: (old["settings"].get(k), v) for k, v in manifest["settings"].items() if old["settings"].get(k) != v
-        }
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))["settings"]
+            changed = {k: (old.get(k), v) for k, v in manifest["settings"].items() if old.get(k) != v}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise EllaError(
+                f"{path} is not a manifest written by `ella bench dpg generate`; use another output folder"
+            ) from None
         if changed:
             detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise EllaError(f"{out_dir} was generated with other settings ({detail}); use another output folder")
         return
     if write:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            tmp.write_text(json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n")
 
 
 def generate_grids(
@@ -92,8 +96,6 @@ def generate_grids(
     check_manifest(out_dir, manifest, write=is_main)
     todo = [i for i in shard_items(list(prompts), *shard) if not (out_dir / f"{i}.png").is_file()]
     if progress:
-        from tqdm import tqdm
-
         todo = tqdm(todo, desc=f"generating (shard {shard[0]}/{shard[1]})", unit="item")
     device = pipe._execution_device
     written = []

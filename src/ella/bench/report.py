@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import EllaError
+from ..errors import EllaError, require
 from ..io import atomic_path
 
 # Published DPG-Bench overall scores, for context only (no per-category numbers are copied).
@@ -60,10 +60,30 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def paper_rows_with(overall: float, label: str = "**yours**") -> list[tuple[str, float]]:
-    """Paper rows plus the user's score, highest first, so the run is seen in published context."""
-    rows = [(name, score) for name, score in PAPER_ROWS.items()] + [(label, overall)]
+def _no_score(x: float | None) -> bool:
+    """A run with nothing scored has no overall: NaN in a fresh result, null once through report.json."""
+    return x is None or math.isnan(x)
+
+
+def paper_rows_with(overall: float | None, label: str = "**yours**") -> list[tuple[str, float]]:
+    """Paper rows plus the user's score (if it has one), highest first, so the run is seen in published context."""
+    rows = [(name, score) for name, score in PAPER_ROWS.items()] + ([] if _no_score(overall) else [(label, overall)])
     return sorted(rows, key=lambda r: -r[1])
+
+
+def _json_safe(value: object) -> object:
+    """NaN ("no score": a category with no answers, a run with no item scored) as JSON null.
+
+    JSON has no NaN; Python would write a bare ``NaN`` token that strict parsers reject. Infinity
+    is never a score, so it is left for ``allow_nan=False`` to refuse.
+    """
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def to_markdown(result: dict) -> str:
@@ -112,14 +132,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _bar_chart(result: dict, path: Path) -> None:
     """Level-1 category bars on an Agg canvas (no pyplot): headless, and no global backend switch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    # matplotlib is the optional `bench` extra: imported only when a chart is drawn
+    backend_agg = require("matplotlib.backends.backend_agg", "bench")
+    figure = require("matplotlib.figure", "bench")
 
     cats = sorted(result["categories"].items())
     names = [k for k, _ in cats]
     values = [0.0 if v is None or math.isnan(v) else v for _, v in cats]
-    fig = Figure(figsize=(max(4.0, 1.2 * len(names) + 2), 4))
-    FigureCanvasAgg(fig)
+    fig = figure.Figure(figsize=(max(4.0, 1.2 * len(names) + 2), 4))
+    backend_agg.FigureCanvasAgg(fig)
     ax = fig.subplots()
     bars = ax.bar(names, values, color="#4C72B0")
     ax.bar_label(bars, labels=[_fmt(v) for _, v in cats], padding=2)
@@ -133,11 +154,17 @@ def _bar_chart(result: dict, path: Path) -> None:
 
 
 def write_report(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write report.json, report.md and categories.png into ``out_dir``; returns their paths by kind."""
+    """Write report.json, report.md and categories.png into ``out_dir``; returns their paths by kind.
+
+    The chart's optional dependency and the JSON are checked first, so a missing extra or an
+    infinite score writes nothing rather than part of a report.
+    """
+    require("matplotlib", "bench")
+    text = json.dumps(_json_safe(result), indent=2, ensure_ascii=False, allow_nan=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "categories.png"}
-    _atomic_write(paths["json"], (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    _atomic_write(paths["json"], (text + "\n").encode("utf-8"))
     _atomic_write(paths["md"], to_markdown(result).encode("utf-8"))
     _bar_chart(result, paths["png"])
     return paths

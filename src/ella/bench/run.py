@@ -3,32 +3,67 @@
 Both generate and score shard over processes when started with ``accelerate launch`` (one process
 per GPU): generation writes disjoint files; scoring gathers the per-item records on the main
 process, which aggregates and writes the report.
+
+Every flag is checked before any model or VQA model loads: a typo costs one line, not a load.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from ..errors import EllaError
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
+from ..devices import check_device
+from ..errors import EllaError, require
+from ..loading import load_pipeline, load_plain_pipeline
+from .data import Benchmark, benchmark_prompts, item_sort_key, load_benchmark
+from .dpg import aggregate, find_image, score_items
+from .generate import TILES, generate_grids, shard_items
+from .report import compare as compare_results
+from .report import load_result, to_markdown, write_report
+from .vqa import CachedVQA, load_vqa
+
+#: torch generators take seeds below 2**64, and tile k of every item uses seed + k.
+MAX_SEED = 2**64 - TILES
 
 
-def _state(device: str | None):
+def _state(device: str | None) -> PartialState:
     """This process's rank/world (from ``accelerate launch`` or ``torchrun``); CPU runs need ``cpu=True``
     for accelerate to see a multi-process CPU launch."""
-    import torch
-    from accelerate import PartialState
-
     return PartialState(cpu=(device or "").startswith("cpu") or not torch.cuda.is_available())
 
 
-def generate(args: argparse.Namespace) -> int:
-    from ..loading import load_pipeline, load_plain_pipeline
-    from .data import benchmark_prompts, item_sort_key
-    from .generate import generate_grids
+def _folder_flag(flag: str, path: Path) -> None:
+    """A folder we will write into must not be an existing file (``mkdir`` would fail after the work)."""
+    if path.exists() and not path.is_dir():
+        raise EllaError(f"{flag} {path} is a file; expected a folder (it is created if missing)")
 
-    if args.tile_size % 8:
-        raise EllaError(f"--tile-size must be a multiple of 8; got {args.tile_size}")
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse flags that would silently do something else (``--limit -1`` drops the last item) or fail late."""
+    if args.limit is not None and args.limit < 1:
+        raise EllaError(f"--limit must be at least 1 (the first N items); got {args.limit}")
+    if args.tile_size < 8 or args.tile_size % 8:
+        raise EllaError(f"--tile-size must be a positive multiple of 8 (the VAE's downscale); got {args.tile_size}")
+    if args.steps < 1:
+        raise EllaError(f"--steps must be at least 1; got {args.steps}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise EllaError(f"--guidance must be a finite number >= 0; got {args.guidance}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise EllaError(
+            f"--seed must be from 0 to 2**64 - {TILES} (tile k of every item uses seed + k); got {args.seed}"
+        )
+    _folder_flag("--out", Path(args.out))
+    if args.device is not None:
+        check_device(args.device)
+
+
+def generate(args: argparse.Namespace) -> int:
+    check_generate_args(args)
     prompts = benchmark_prompts(args.benchmark)
     if args.limit is not None:
         keep = sorted(prompts, key=item_sort_key)[: args.limit]
@@ -85,19 +120,36 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def score(args: argparse.Namespace) -> int:
-    from accelerate.utils import gather_object
-
-    from .data import load_benchmark
-    from .dpg import aggregate, score_items
-    from .generate import shard_items
-    from .report import to_markdown, write_report
-    from .vqa import CachedVQA, load_vqa
-
+def check_score_args(args: argparse.Namespace) -> Benchmark:
+    """Everything ``score`` can refuse without a model: the folders, the chart's extra, the question file,
+    and that the images folder holds at least one of the benchmark's grids. Returns the benchmark."""
     images = Path(args.images)
+    if not images.exists():
+        raise EllaError(f"images folder {images} does not exist; expected a folder of <item_id>.png 2x2 grids")
     if not images.is_dir():
-        raise EllaError(f"{images} is not a folder of <item_id>.png grids")
+        raise EllaError(f"{images} is a file; expected a folder of <item_id>.png 2x2 grids")
+    if args.out:
+        _folder_flag("--out", Path(args.out))
+    else:
+        _folder_flag("the report folder", images / "report")
+    if args.cache:
+        _folder_flag("--cache", Path(args.cache))
+    require("matplotlib", "bench")  # the report's chart: known now, not after hours of VQA
+    if args.device is not None:
+        check_device(args.device)
     bench = load_benchmark(args.benchmark, args.csv, official_compat=args.official_compat)
+    if not any(find_image(images, item_id) for item_id in bench.questions):
+        example = sorted(bench.questions, key=item_sort_key)[0]
+        raise EllaError(
+            f"{images} holds none of the {len(bench.questions)} {bench.name} grids (e.g. {example}.png); "
+            f"make them with `ella bench dpg generate --benchmark {bench.name} --out {images}`"
+        )
+    return bench
+
+
+def score(args: argparse.Namespace) -> int:
+    bench = check_score_args(args)
+    images = Path(args.images)
     state = _state(args.device)
     vqa = CachedVQA(
         load_vqa(args.vqa, device=args.device or str(state.device)),
@@ -129,9 +181,6 @@ def score(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from .report import compare as compare_results
-    from .report import load_result
-
     print(
         compare_results(
             load_result(args.a),

@@ -17,9 +17,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image
 
+from ..devices import default_device, resolve_dtype
 from ..errors import EllaError, MissingModelError
+from ..hub import is_local, loading
 
 #: The scorer's contract; any such callable works, backends below also have ``name`` and ``batch``.
 VQA = Callable[[Image.Image, str], str]
@@ -93,8 +96,6 @@ class VQABackend:
 
 def _device_dtype(device, dtype):
     """fp16 on CUDA, fp32 on CPU unless told otherwise (the project-wide convention)."""
-    from ..devices import default_device, resolve_dtype
-
     device = str(device or default_device())
     return device, resolve_dtype(dtype, device)
 
@@ -115,8 +116,6 @@ class _HFBackend(VQABackend):
         return len(self.processor.tokenizer(self._text(question))["input_ids"])
 
     def _generate(self, inputs, strip_prompt: bool) -> list[str]:
-        import torch
-
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -144,9 +143,8 @@ class BlipVQA(_HFBackend):
         batch_size: int = 16,
         max_new_tokens: int = 10,
     ):
+        # heavy: a transformers model class imports its modelling code; only the chosen backend pays for it
         from transformers import BlipForQuestionAnswering, BlipProcessor
-
-        from ..hub import loading
 
         self.device, self.dtype = _device_dtype(device, dtype)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -180,9 +178,8 @@ class TransformersVLM(_HFBackend):
         batch_size: int = 8,
         max_new_tokens: int = 8,
     ):
+        # heavy: a transformers model class imports its modelling code; only the chosen backend pays for it
         from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from ..hub import loading
 
         self.device, self.dtype = _device_dtype(device, dtype)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -226,14 +223,11 @@ class MplugVQA(VQABackend):
     """mPLUG-large through modelscope, exactly as the official ``compute_dpg_bench.py`` asks it."""
 
     def __init__(self, model_id: str | os.PathLike = DEFAULT_MPLUG, device: str | None = None):
-        try:
+        try:  # modelscope is the optional `mplug` extra (and heavy): imported only for this backend
             from modelscope.pipelines import pipeline
             from modelscope.utils.constant import Tasks
         except ImportError:
             raise EllaError(MPLUG_HINT) from None
-        from ..devices import default_device
-        from ..hub import is_local
-
         device = str(device or default_device())  # modelscope takes cpu, cuda, cuda:N
         self.name = f"mplug:{_ident(model_id)}"
         self.batch_size = 1  # the modelscope pipeline takes one {image, question} at a time
