@@ -10,7 +10,7 @@ import warnings
 from . import __version__
 from .errors import EllaError
 from .hub import DEFAULT_BASE, DEFAULT_ELLA_REPO, DEFAULT_LLM
-from .sample import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_STEPS
+from .sample import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_STEPS
 from .schedulers import SCHEDULER_ALIASES
 from .text import DEFAULT_MAX_LENGTH
 
@@ -56,6 +56,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "replaces --base/--ella/--llm",
     )
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"images per pipeline call (default {DEFAULT_BATCH}); each batch is saved as soon as it is done",
+    )
     gen.add_argument("--out", default="ella-out", help="output directory (default: ./ella-out)")
     tools = gen.add_argument_group("community tools")
     tools.add_argument(
@@ -234,13 +240,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .devices import check_device
     from .loading import load_pipeline
-    from .sample import SampleSettings, generate_to_dir, kind_for, load_loras, read_inputs
+    from .sample import SampleSettings, check_loras, check_out_dir, generate_to_dir, kind_for, load_loras, read_inputs
     from .schedulers import scheduler_class
 
     for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise EllaError(f"prompt {i} is empty: describe the image")
+    check_device(args.device)
+    check_out_dir(args.out)
     given = dict(
         negative_prompt=args.negative,
         steps=args.steps,
@@ -251,12 +260,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         strength=args.strength,
         condition_mode=args.mode,
+        batch_size=args.batch_size,
     )
     if args.model is not None:  # the shapes world's mini model: its own defaults and checks
         from .shapes.cli import generate as generate_shapes
 
         return generate_shapes(args, given)
     model_defaults(args)
+    if args.strength is not None and not args.init_image:
+        raise EllaError("--strength applies to img2img/inpainting: give --init-image too, or drop --strength")
     settings = SampleSettings(
         **{
             **given,
@@ -266,9 +278,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "strength": args.strength if args.strength is not None else (0.8 if args.init_image else None),
         }
     )
-    settings.validate()  # before loading gigabytes of weights
-    scheduler_class(args.scheduler)  # an unknown name fails here, before loading gigabytes
-
+    # Everything the user typed is checked here, before loading gigabytes of weights.
+    settings.validate(len(args.prompt))
+    check_out_dir(args.out, len(args.prompt) * settings.num_images, settings.width, settings.height)
+    scheduler_class(args.scheduler)
+    loras = check_loras(args.lora)
     kind = kind_for(args.init_image, args.mask, args.controlnet, args.control_image)
     inputs = read_inputs(kind, args.init_image, args.mask, args.control_image, settings.width, settings.height)
     pipe = load_pipeline(
@@ -293,10 +307,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "llm": str(args.llm),
         "kind": kind,
         "controlnet": args.controlnet,
-        "lora": load_loras(pipe, args.lora),
+        "lora": load_loras(pipe, loras),
     }
-    for path in generate_to_dir(pipe, args.prompt, settings, args.out, sources, inputs):
-        print(path)
+    generate_to_dir(pipe, args.prompt, settings, args.out, sources, inputs, on_saved=print)
     return 0
 
 
@@ -342,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except EllaError as err:
         print(f"ella: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what finished is on disk (each batch is saved as it completes)
+        print("ella: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ them, which `tests/test_connector.py` checks against an independent reference.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections import OrderedDict
@@ -336,8 +337,12 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         config.update(overrides)
         return config
 
-    def load_checked_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """``load_state_dict(strict=True)``, but a misfit lists every missing/unexpected/misshapen key."""
+    def load_checked_state_dict(
+        self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint", assign: bool = False
+    ) -> None:
+        """``load_state_dict(strict=True)``, but a misfit lists every missing/unexpected/misshapen key.
+
+        ``assign=True`` takes the tensors themselves (for a model built on the meta device)."""
         own = self.state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -355,7 +360,7 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
             raise CheckpointMismatchError(
                 f"{source} does not fit the connector {dict(self.config)}: " + " | ".join(problems)
             )
-        self.load_state_dict(state_dict, strict=True)
+        self.load_state_dict(state_dict, strict=True, assign=assign)
 
     @classmethod
     def from_single_file(
@@ -379,18 +384,46 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise CheckpointMismatchError(f"{path} is not a readable safetensors file: {err}") from None
         # Files we write carry their config (variant, heads ...) as metadata; the release's don't.
-        saved = json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
+        saved = cls._metadata_config(metadata, path)
         if saved:
             config = {**saved, **config_overrides}
         else:
             config = cls.config_from_state_dict(state_dict, **config_overrides)
         config.setdefault("text_feature_dtype", "float16")
-        model = cls(**config)
-        model.load_checked_state_dict(state_dict, source=str(path))
-        if torch_dtype is not None:
-            # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules on every cast (we have none)
-            nn.Module.to(model, torch_dtype)
+        # The metadata is not trusted: the model is built on the meta device (no memory) and checked against
+        # the tensors before any weight is materialised, so a file claiming width 65536 costs nothing.
+        try:
+            with torch.device("meta"):
+                model = cls(**config)
+        except (TypeError, ValueError) as err:
+            raise CheckpointMismatchError(f"{path}: its config is not a connector config ({err})") from None
+        dtype = torch_dtype or torch.get_default_dtype()
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        model.load_checked_state_dict(state_dict, source=str(path), assign=True)
         return model
+
+    @classmethod
+    def _metadata_config(cls, metadata: dict[str, str], path) -> dict:
+        """The config our files store as metadata: valid JSON, known keys, or one clear error."""
+        text = metadata.get(CONFIG_METADATA_KEY)
+        if text is None:
+            return {}
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CheckpointMismatchError(
+                f"{path}: its {CONFIG_METADATA_KEY!r} metadata is not valid JSON ({err})"
+            ) from None
+        if not isinstance(saved, dict):
+            raise CheckpointMismatchError(f"{path}: its {CONFIG_METADATA_KEY!r} metadata is not a JSON object")
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise CheckpointMismatchError(
+                f"{path}: its {CONFIG_METADATA_KEY!r} metadata has unknown keys {unknown}; "
+                f"expected some of {sorted(known)}"
+            )
+        return saved
 
     def save_single_file(self, path: str | os.PathLike) -> None:
         """Write the official single-file layout (what ``from_single_file`` and the release read).

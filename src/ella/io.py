@@ -7,6 +7,8 @@ never a truncated one that a later run would trust.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,9 +17,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it to ``path`` only if the block succeeds.
 
+    ``exclusive=True`` never replaces an existing ``path``: the move is a hard link, which fails
+    with ``FileExistsError`` if the name is taken — also when another process took it a moment
+    ago — so two runs writing into one folder can't overwrite each other's results.
     The result gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes
     owner-only files, which would lock other users out of shared weights and results).
     """
@@ -30,7 +35,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -56,3 +64,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _finite(value):
+    """``value`` with non-finite floats spelled as strings (``"inf"``, ``"-inf"``, ``"nan"``), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value) -> str:
+    """Strict JSON (what every parser reads) of ``value``: ``Infinity``/``NaN`` are not JSON.
+
+    Scheduler configs legitimately hold ``-inf`` (DPM-Solver's ``lambda_min_clipped``); those become
+    strings. Values the user chose are checked for finiteness before any work, so none reaches here.
+    """
+    return json.dumps(_finite(value), indent=2, default=str, allow_nan=False) + "\n"

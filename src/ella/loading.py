@@ -14,7 +14,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 
 from .connector import TimestepAwareSemanticConnector
-from .devices import default_device, resolve_dtype
+from .devices import check_device, resolve_dtype
 from .errors import EllaError
 from .hub import (
     DEFAULT_BASE,
@@ -29,7 +29,7 @@ from .hub import (
 )
 from .pipelines import PIPELINE_KINDS, PIPELINE_KINDS_XL, check_mode
 from .schedulers import make_scheduler
-from .text import load_llm
+from .text import check_hidden_layer, load_llm
 
 
 def load_connector(ella: str | os.PathLike = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}", torch_dtype=None):
@@ -106,7 +106,7 @@ def load_pipeline(
     if bool(controlnet) != kind.startswith("controlnet"):
         raise EllaError(f"pipeline kind {kind!r} {'needs' if kind.startswith('controlnet') else 'takes no'} controlnet")
 
-    device = device or default_device()
+    device = check_device(device)
     dtype = resolve_dtype(dtype, device)
     check_offline(
         [
@@ -118,6 +118,7 @@ def load_pipeline(
     )
     if str(base).endswith(SINGLE_FILE_SUFFIXES):  # a missing config fails now, not after loading the LLM
         base_config = base_config_dir(base, base_config)
+    check_hidden_layer(llm, hidden_layer)
     # The release ran T5 in fp16 on GPU and was trained on those features; CPU falls back to fp32.
     llm_dtype = resolve_dtype(llm_dtype, device)
     connector = load_connector(ella, torch_dtype=dtype)
@@ -160,7 +161,7 @@ def load_plain_pipeline(
     scheduler: str | None = "dpm++",
 ):
     """The plain diffusers baseline (CLIP text encoder), loaded like :func:`load_pipeline` loads ours."""
-    device = device or default_device()
+    device = check_device(device)
     dtype = resolve_dtype(dtype, device)
     check_offline([("base model", str(base), "model_index.json")])
     pipe = load_base(

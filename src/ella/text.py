@@ -110,6 +110,26 @@ def load_llm(
     return (model.to(device) if device is not None else model), tokenizer
 
 
+def check_hidden_layer(name_or_path: str | os.PathLike, hidden_layer: int | None) -> None:
+    """Refuse a ``hidden_layer`` the LLM doesn't have, from its config alone (before loading gigabytes).
+
+    ``output_hidden_states`` gives the embeddings plus one state per layer: ``n + 1`` entries,
+    indexable from ``-(n + 1)`` to ``n``.
+    """
+    if hidden_layer is None:
+        return
+    import transformers  # heavy: see load_llm
+
+    with loading("LLM", str(name_or_path)):
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
+    if layers is not None and not -(layers + 1) <= hidden_layer <= layers:
+        raise EllaError(
+            f"--llm-layer {hidden_layer}: {name_or_path} has {layers} layers, so its hidden states are indexed "
+            f"{-(layers + 1)}..{layers} (0 = the embeddings, {layers} or -1 = the last layer)"
+        )
+
+
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
