@@ -1,4 +1,4 @@
-"""The per-timestep condition table and the hook that feeds it to an unmodified UNet.
+"""The per-timestep condition table and the feed that hands it to an unmodified UNet.
 
 The official wrapper replaces ``pipe.unet`` by a proxy that runs the connector at every UNet
 call; that breaks ``load_lora_weights``, IP-Adapter and ControlNet, and recomputes the same
@@ -7,25 +7,27 @@ connector outputs once per step. Here instead:
 1. the LLM features of all distinct prompts (positive and negative) are stacked as the table's
    *rows*;
 2. the connector runs once for every (scheduler timestep, row) pair in one batched call
-   (chunked only for very large tables);
+   (chunked only for very large tables): :class:`ConditionTable`;
 3. the pipeline hands the diffusers loop a *placeholder* ``prompt_embeds`` of shape ``[N, 1, 1]``
    whose value is the table row of each sample; whatever the loop does with it (CFG concat,
    ``num_images_per_prompt`` repeats) keeps the row ids aligned with the latents;
 4. a forward pre-hook on the UNet (and any ControlNet) swaps the placeholder for the table's
-   ``[N, tokens, width]`` condition of the timestep being called.
+   ``[N, tokens, width]`` condition of the timestep being called: :class:`ConditionFeed`.
 
 ``pipe.unet`` stays a real ``UNet2DConditionModel`` throughout.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from .errors import EllaError
 from .text import TextFeatures
 
 #: Rows x timesteps per connector call; bounds memory for huge batches (50 steps x 20 rows fits).
@@ -33,17 +35,28 @@ MAX_ROWS_PER_CALL = 1024
 
 
 class ConditionTable:
-    """Connector outputs for every row (distinct prompt) at every timestep, computed lazily once.
+    """Connector outputs for every row (distinct prompt) at every scheduler timestep, computed once.
 
-    ``timesteps`` is a callable returning the schedule (the scheduler's ``timesteps`` are only
-    known once the pipeline has called ``set_timesteps``). A timestep outside it — a custom loop,
-    a fractional timestep — is computed on demand and cached, so lookups never fail.
+    ``timesteps`` is a callable returning the schedule: the scheduler's ``timesteps`` are only known
+    once the pipeline has called ``set_timesteps``, so the table is filled at its first lookup.
 
-    The per-step lookup is built to cost the denoising loop nothing: when the loop's timestep is
-    an element of the schedule tensor (diffusers iterates over it), its position is read from the
-    tensor's storage offset instead of ``float(t)``, which would wait for the GPU at every step;
-    and each placeholder batch gets its rows gathered once for all timesteps, so a step's
-    condition is a view, launching no kernel.
+    A lookup finds the timestep's position in the table in one of two ways:
+
+    * **by address**, for an element of the schedule tensor (what every diffusers loop hands the
+      UNet: ``for t in timesteps``, img2img's ``timesteps[k:]`` slice, ``t.expand(batch)``). The
+      table keeps the schedule tensor alive, so no other tensor can occupy its elements' memory; a
+      0-d tensor of the schedule's device and dtype at one of those addresses reads the same bytes,
+      hence the same value. This avoids ``float(t)``, which would wait for the GPU at every step.
+    * **by value** (``float(t)``, one device sync) for anything else: a copy, a Python number.
+      A value that is not on the schedule at all (a custom loop's own timesteps) is computed on the
+      spot for that call.
+
+    What is deliberately *not* cached, because it does not pay: a step's rows are gathered from the
+    table at every UNet call (the row ids read off the placeholder, then one gather: three small
+    kernels and tens of µs of host time, about 0.1% of an SD1.5 UNet step; numbers in
+    benchmarks/RESULTS.md), and an off-schedule timestep is recomputed at each call that asks for it
+    (no diffusers SD/SDXL pipeline asks for one; a custom loop then pays the connector per call, as
+    the official wrapper does at every step).
     """
 
     def __init__(
@@ -55,114 +68,103 @@ class ConditionTable:
         pooled: bool = False,
     ):
         self.connector = connector
-        param = next(connector.parameters())
-        self.states = features.hidden_states.to(param.device, param.dtype)
-        self.mask = None if features.attention_mask is None else features.attention_mask.to(param.device)
+        self.states = features.hidden_states.to(dtype=next(connector.parameters()).dtype)
+        self.mask = features.attention_mask
         self.clip = clip
         # SDXL-style UNets also take a pooled text embedding: the connector's pooling head over its own
         # tokens at the same timestep (as trained in ella.train), kept beside the token table.
         self.with_pooled = pooled
-        self._pooled: dict[float, torch.Tensor] = {}  # timestep -> [rows, pooled_dim]
         self._schedule_fn = timesteps
-        self._schedule: torch.Tensor | None = None  # the tensor the loop iterates over
-        self._stack: torch.Tensor | None = None  # [unique timesteps, rows, tokens, width]
-        self._index: dict[float, int] = {}  # timestep value -> position in _stack
-        self._positions: list[int] = []  # schedule position -> position in _stack
-        self._extra: dict[float, torch.Tensor] = {}  # off-schedule timesteps
-        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._filled = False
+        self._schedule: torch.Tensor | None = None  # held so that its element addresses stay its own
+        self._by_address: dict[int, int] = {}  # data_ptr of a schedule element -> table position
+        self._by_value: dict[float, int] = {}  # timestep value -> table position
+        self._tokens: torch.Tensor | None = None  # [unique timesteps, rows, tokens, width]
+        self._pooled: torch.Tensor | None = None  # [unique timesteps, rows, pooled_dim]
 
     @property
     def rows(self) -> int:
         return self.states.shape[0]
 
     @torch.no_grad()
-    def run(self, timesteps: list[float]) -> torch.Tensor:
-        """The connector for all rows at ``timesteps``: ``[len(timesteps), rows, tokens, width]``, batched."""
+    def run(self, timesteps: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The connector for all rows at ``timesteps``, in one batched call (chunked past MAX_ROWS_PER_CALL).
+
+        Returns tokens ``[len(timesteps), rows, tokens, width]`` (CLIP's joined in ``ella+clip`` mode)
+        and, with a pooling head, the pooled embedding ``[len(timesteps), rows, pooled_dim]``, else None.
+        """
         per_call = max(1, MAX_ROWS_PER_CALL // self.rows)
-        outs = []
+        tokens, pooled = [], []
         for start in range(0, len(timesteps), per_call):
             chunk = timesteps[start : start + per_call]
             n = len(chunk)
-            t = torch.tensor(chunk, device=self.states.device).repeat_interleave(self.rows)
-            mask = None if self.mask is None else self.mask.repeat(n, 1)
-            out = self.connector(self.states.repeat(n, 1, 1), t, attention_mask=mask)
+            # Read before every call: under enable_model_cpu_offload the connector sits on the CPU until its
+            # first call moves it (and that call's inputs) to the accelerator; later calls move no inputs.
+            device = next(self.connector.parameters()).device
+            t = torch.tensor(chunk, device=device).repeat_interleave(self.rows)
+            mask = None if self.mask is None else self.mask.to(device).repeat(n, 1)
+            out = self.connector(self.states.to(device).repeat(n, 1, 1), t, attention_mask=mask)
             if self.with_pooled:
-                pooled = self.connector.pool(out, mask).view(n, self.rows, -1)
-                self._pooled.update({key: pooled[i] for i, key in enumerate(chunk)})
-            out = out.view(n, self.rows, *out.shape[1:])
-            outs.append(out if self.clip is None else self.clip.join(out))
-        return torch.cat(outs)
+                mask = None if mask is None else mask.to(out.device)
+                pooled.append(self.connector.pool(out, mask).view(n, self.rows, -1))
+            tokens.append(out.view(n, self.rows, *out.shape[1:]))
+        joined = torch.cat(tokens)
+        if self.clip is not None:
+            joined = self.clip.join(joined)
+        return joined, (torch.cat(pooled) if pooled else None)
 
     def precompute(self) -> None:
         """Run the connector for the whole schedule (once; later calls return at once)."""
-        if self._stack is not None:
+        if self._filled:
             return
         schedule = self._schedule_fn() if self._schedule_fn is not None else []
         if isinstance(schedule, torch.Tensor):
-            self._schedule = schedule
-            keys = [float(x) for x in schedule.reshape(-1).tolist()]  # one device sync per call
+            values = [float(x) for x in schedule.reshape(-1).tolist()]  # one device sync per generation
         else:
-            keys = [float(x) for x in schedule]
-        unique = list(dict.fromkeys(keys))
-        self._index = {k: i for i, k in enumerate(unique)}
-        self._positions = [self._index[k] for k in keys]
-        self._stack = self.run(unique) if unique else None
+            values = [float(x) for x in schedule]
+        unique = list(dict.fromkeys(values))  # second-order schedulers repeat timesteps: computed once
+        self._by_value = {v: i for i, v in enumerate(unique)}
+        if isinstance(schedule, torch.Tensor) and schedule.ndim == 1:
+            self._schedule = schedule
+            self._by_address = {element.data_ptr(): self._by_value[v] for element, v in zip(schedule, values)}
+        if unique:
+            self._tokens, self._pooled = self.run(unique)
+            if self.mask is not None:  # where the lookups index it: no copy per step
+                self.mask = self.mask.to(self._tokens.device)
+        self._filled = True
 
-    def _position(self, timestep: torch.Tensor | float) -> int | None:
-        """Position of ``timestep`` in the table, without a device sync for schedule elements."""
+    def position(self, timestep: torch.Tensor | float) -> int | None:
+        """``timestep``'s position in the table (by address, else by value; see the class docstring), or None."""
         s = self._schedule
         if (
             isinstance(timestep, torch.Tensor)
             and s is not None
-            and timestep.ndim == 0
-            and s.ndim == 1
-            and s.stride(0) == 1
+            and timestep.numel() == 1
             and timestep.device == s.device
-            and timestep.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
+            and timestep.dtype == s.dtype
         ):
-            i = timestep.storage_offset() - s.storage_offset()
-            if 0 <= i < len(self._positions):
-                return self._positions[i]
-        return self._index.get(float(timestep))
+            found = self._by_address.get(timestep.data_ptr())
+            if found is not None:
+                return found
+        return self._by_value.get(float(timestep))
 
-    def _off_schedule(self, timestep: torch.Tensor | float) -> torch.Tensor:
-        key = float(timestep)
-        if key not in self._extra:
-            self._extra[key] = self.run([key])[0]
-        return self._extra[key]
-
-    def condition(self, timestep: torch.Tensor | float, rows: torch.Tensor) -> torch.Tensor:
-        """The ``[len(rows), tokens, width]`` condition for one timestep."""
+    def lookup(self, timestep: torch.Tensor | float, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens ``[len(rows), tokens, width]`` and pooled ``[len(rows), pooled_dim]`` (or None) at one timestep."""
         self.precompute()
-        pos = self._position(timestep)
-        table = self._off_schedule(timestep) if pos is None else self._stack[pos]
-        return table[rows]
-
-    def condition_for_placeholder(self, timestep: torch.Tensor | float, placeholder: torch.Tensor) -> torch.Tensor:
-        """:meth:`condition` for the rows a placeholder batch names, gathered once per placeholder."""
-        self.precompute()
-        pos = self._position(timestep)
+        pos = self.position(timestep)
         if pos is None:
-            return self._off_schedule(timestep)[placeholder_rows(placeholder)]
-        key = (placeholder.data_ptr(), tuple(placeholder.shape), placeholder.stride())
-        if key not in self._gathered:
-            # keeping the placeholder referenced keeps its address from being reused by another tensor
-            self._gathered[key] = (placeholder, self._stack[:, placeholder_rows(placeholder)])
-        return self._gathered[key][1][pos]
+            tokens, pooled = self.run([float(timestep)])
+            pos = 0
+        else:
+            tokens, pooled = self._tokens, self._pooled
+        rows = rows.to(tokens.device)
+        return tokens[pos, rows], (None if pooled is None else pooled[pos, rows])
 
-    def pooled(self, timestep: torch.Tensor | float, rows: torch.Tensor) -> torch.Tensor:
-        """The ``[len(rows), pooled_dim]`` pooled embedding for one timestep (SDXL's ``text_embeds``)."""
-        self.precompute()
-        key = float(timestep)
-        if key not in self._pooled:
-            self._off_schedule(timestep)  # computes (and caches) the pooled embedding too
-        return self._pooled[key][rows]
-
-    def encoder_attention_mask(self, placeholder: torch.Tensor) -> torch.Tensor | None:
-        """For connectors whose output follows the text (MLP variant), the text mask per sample."""
+    def encoder_attention_mask(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """For connectors whose output follows the text (MLP variant), the text mask of each sample's row."""
         if self.mask is None or not getattr(self.connector, "output_follows_text", False):
             return None  # checked first: the common case costs the step no kernel
-        mask = self.mask[placeholder_rows(placeholder)]
+        mask = self.mask[rows.to(self.mask.device)]
         return mask if self.clip is None else self.clip.join_mask(mask)
 
 
@@ -186,7 +188,7 @@ class ClipPart:
 
     def join(self, ella: torch.Tensor) -> torch.Tensor:
         """``ella`` ``[n, rows, tokens, width]`` -> ``[n, rows, 77 + tokens, width]``."""
-        clip = self.embeds.to(ella.dtype).unsqueeze(0).expand(ella.shape[0], -1, -1, -1)
+        clip = self.embeds.to(ella.device, ella.dtype).unsqueeze(0).expand(ella.shape[0], -1, -1, -1)
         clip = clip * self.clip_scale if self.clip_scale != 1.0 else clip
         ella = ella * self.ella_scale if self.ella_scale != 1.0 else ella
         return torch.cat((clip, ella) if self.clip_first else (ella, clip), dim=2)
@@ -202,63 +204,106 @@ def placeholder_embeds(rows: torch.Tensor, device: torch.device | str) -> torch.
 
 
 def placeholder_rows(placeholder: torch.Tensor) -> torch.Tensor:
+    """The table row of each sample of a placeholder batch (see :func:`placeholder_embeds`)."""
     return placeholder[:, 0, 0].round().long()
 
 
-def _is_placeholder(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1:] == (1, 1)
+def is_placeholder(embeds: object) -> bool:
+    """Whether ``embeds`` is a placeholder batch: one token of width one, which no text encoder produces."""
+    return isinstance(embeds, torch.Tensor) and embeds.ndim == 3 and embeds.shape[1:] == (1, 1)
 
 
-@contextlib.contextmanager
-def feed_conditions(modules: Iterable[nn.Module | None], table: Callable[[], ConditionTable | None]) -> Iterator[None]:
-    """While active, calls of ``modules`` (UNet, ControlNet: ``(sample, timestep, encoder_hidden_states,
-    ...)``) with placeholder embeds receive the condition of their own timestep from ``table()``
-    (a getter, because the pipeline builds the table only once it has encoded the prompts)."""
+class ConditionFeed:
+    """Hands each UNet / ControlNet call that carries placeholder embeds the condition of its own timestep.
 
-    def pre_hook(module, args, kwargs):
-        args = list(args)
-        in_args = len(args) > 2
-        ehs = args[2] if in_args else kwargs.get("encoder_hidden_states")
-        current = table()
-        if current is None or not _is_placeholder(ehs):
-            return None  # somebody else's call with real embeddings: leave it alone
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        per_sample = None  # a batch whose samples sit at different timesteps: each looked up on its own
-        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
-            t = timestep.reshape(-1)
-            if bool((t == t[0]).all()):
-                timestep = t[0]
-            else:
-                per_sample = t
-        elif isinstance(timestep, torch.Tensor) and timestep.ndim:
-            timestep = timestep.reshape(())  # a view: keeps the storage offset _position reads
-        if per_sample is not None:
-            rows = placeholder_rows(ehs)
-            cond = torch.cat([current.condition(ti, rows[i : i + 1]) for i, ti in enumerate(per_sample)])
-        else:
-            cond = current.condition_for_placeholder(timestep, ehs)
-        if in_args:
-            args[2] = cond
-        else:
-            kwargs["encoder_hidden_states"] = cond
-        added = kwargs.get("added_cond_kwargs")
-        if current.with_pooled and added and "text_embeds" in added:
-            if per_sample is not None:
-                pooled = torch.cat([current.pooled(ti, rows[i : i + 1]) for i, ti in enumerate(per_sample)])
-            else:  # (keyed by float(t): one device sync per step, SDXL only)
-                pooled = current.pooled(timestep, placeholder_rows(ehs))
-            kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled}
-        mask = current.encoder_attention_mask(ehs)
-        if mask is not None:
-            kwargs["encoder_attention_mask"] = mask
-        return tuple(args), kwargs
+    ``with ConditionFeed(get_table).install([unet, controlnet]): ...`` registers one forward pre-hook
+    per module (``None`` entries are skipped) and removes them on leaving the block, also when the
+    block raises; :meth:`remove` does the same by hand. ``table`` is a getter, because a pipeline
+    builds the table only once its ``encode_prompt`` has run inside the call.
 
-    # Under ``unet.compile()`` the hooks run inside the compiled call: keep the table lookup (a
-    # Python dict keyed by float(t)) out of the graph, or dynamo recompiles for every timestep.
-    pre_hook = torch.compiler.disable(pre_hook)
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules if m is not None]
-    try:
-        yield
-    finally:
-        for handle in handles:
+    What a hooked call gets, given ``(sample, timestep, encoder_hidden_states, ...)`` positionally or
+    by keyword (the UNet2DConditionModel and ControlNetModel signatures; a MultiControlNetModel is
+    hooked as one module and passes the condition on to each of its nets):
+
+    * only calls whose ``encoder_hidden_states`` is a placeholder are touched; any other call (real
+      embeds, e.g. a user's own UNet call, or no table yet) passes through unchanged;
+    * ``encoder_hidden_states`` becomes the table's tokens for the placeholder's rows at the call's
+      timestep. CFG batches and ``num_images_per_prompt`` repeats need nothing special: the
+      placeholder was concatenated and repeated by the loop exactly as the latents were;
+    * ``timestep`` may be a number, a 0-d or one-element tensor, or a batch: an expanded scalar
+      (``t.expand(n)``) is one timestep; distinct per-sample timesteps each get their own condition
+      (looked up by value: one device sync per call);
+    * SDXL: a placeholder ``added_cond_kwargs["text_embeds"]`` becomes the connector's pooled
+      embedding at that timestep, when the table has a pooling head (otherwise the pipeline put
+      CLIP's real pooled embedding there, left alone);
+    * MLP-variant connectors (output as long as the text): ``encoder_attention_mask`` is set to each
+      sample's text mask, so the padding of a flexible-length batch is not attended to. diffusers'
+      ControlNetModel takes no such mask: a ControlNet attends to that padding (the UNet does not).
+
+    The hook runs before the module's ``forward`` and so before any accelerate/diffusers offload hook
+    wrapped around it, which then moves the condition like any other input. It is kept out of
+    ``torch.compile`` graphs: the table lookup is Python, and a compiled UNet must not recompile
+    for every timestep.
+    """
+
+    def __init__(self, table: Callable[[], ConditionTable | None]):
+        self.table = table
+        self._handles: list[RemovableHandle] = []
+
+    def install(self, modules: Iterable[nn.Module | None]) -> ConditionFeed:
+        """Hook ``modules``; returns ``self`` for use as a context manager."""
+        for module in modules:
+            if module is not None:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        """Unhook every module :meth:`install` hooked (idempotent)."""
+        for handle in self._handles:
             handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> ConditionFeed:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    @torch.compiler.disable
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        positional = len(args) > 2
+        embeds = args[2] if positional else kwargs.get("encoder_hidden_states")
+        table = self.table()
+        if table is None or not is_placeholder(embeds):
+            return None
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        rows = placeholder_rows(embeds)
+        tokens, pooled = self._condition(table, timestep, rows)
+        if positional:
+            args = (*args[:2], tokens.to(embeds.device), *args[3:])
+        else:
+            kwargs["encoder_hidden_states"] = tokens.to(embeds.device)
+        added = kwargs.get("added_cond_kwargs")
+        if pooled is not None and added and "text_embeds" in added:
+            kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled.to(embeds.device)}
+        mask = table.encoder_attention_mask(rows)
+        if mask is not None and "encoder_attention_mask" in inspect.signature(module.forward).parameters:
+            kwargs["encoder_attention_mask"] = mask.to(embeds.device)
+        return args, kwargs
+
+    @staticmethod
+    def _condition(
+        table: ConditionTable, timestep: torch.Tensor | float, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(timestep, torch.Tensor) or timestep.numel() == 1:
+            return table.lookup(timestep, rows)
+        if timestep.ndim == 1 and timestep.stride(0) == 0:  # t.expand(batch): one element, still at its address
+            return table.lookup(timestep[0], rows)
+        if timestep.numel() != len(rows):
+            raise EllaError(
+                f"the UNet was called with {timestep.numel()} timesteps for {len(rows)} samples; "
+                "give one timestep, or one per sample"
+            )
+        parts = [table.lookup(t, rows[i : i + 1]) for i, t in enumerate(timestep.reshape(-1).tolist())]
+        tokens = torch.cat([p[0] for p in parts])
+        return tokens, (None if parts[0][1] is None else torch.cat([p[1] for p in parts]))

@@ -17,13 +17,19 @@ class MissingModelError(EllaError):
     """A model (base, ELLA weights or LLM) that is neither on disk nor reachable on the Hub."""
 
 
+class InvalidArgumentError(EllaError, ValueError):
+    """A pipeline call argument out of its range; also a ValueError, as diffusers raises for bad arguments."""
+
+
 class MissingExtraError(EllaError):
     """An optional dependency group (``pip install 'ella-diffusion[train]'`` …) that is not installed."""
 
 
 #: What each optional group is for; pyproject.toml's [project.optional-dependencies] lists its packages.
-EXTRAS = {"train": "training (`ella train`, `ella cache`, `ella shapes reproduce`)",
-          "bench": "benchmark reports (`ella bench dpg score`)"}
+EXTRAS = {
+    "train": "training (`ella train`, `ella cache`, `ella shapes reproduce`)",
+    "bench": "benchmark reports (`ella bench dpg score`)",
+}
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -35,6 +41,7 @@ def require(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
+        package = module.split(".")[0]
         raise MissingExtraError(
-            f"{EXTRAS[extra]} needs {module.split('.')[0]!r}, which is not installed: pip install 'ella-diffusion[{extra}]'"
+            f"{EXTRAS[extra]} needs {package!r}, which is not installed: pip install 'ella-diffusion[{extra}]'"
         ) from None

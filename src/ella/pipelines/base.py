@@ -9,15 +9,18 @@ per-timestep condition; the diffusers loop, schedulers, LoRA/IP-Adapter loaders,
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import math
+import numbers
 import warnings
 from typing import ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
 
-from ..conditioning import ClipPart, ConditionTable, feed_conditions, placeholder_embeds
-from ..errors import EllaError
+from ..conditioning import ClipPart, ConditionFeed, ConditionTable, placeholder_embeds
+from ..errors import EllaError, InvalidArgumentError
 from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, encode_text, strip_prompt_weights
 
 # bf16 holds integers exactly only up to 256: the placeholder row ids must survive the loop's dtype.
@@ -231,21 +234,87 @@ class EllaMixin:
 
         Per call: the LLM runs once per distinct prompt; the connector runs once, batched, for
         all scheduler timesteps and all prompts (positive and negative); each UNet/ControlNet
-        call gets the condition of its own timestep. Extra keyword arguments:
-        ``condition_mode`` (``"ella"`` | ``"ella+clip"``, default: the pipeline's config),
-        ``clip_first``, ``clip_scale``, ``ella_scale`` (``ella+clip`` only).
+        call gets the condition of its own timestep (:class:`~ella.conditioning.ConditionFeed`).
+        Extra keyword arguments: ``condition_mode`` (``"ella"`` | ``"ella+clip"``, default: the
+        pipeline's config), ``clip_first``, ``clip_scale``, ``ella_scale`` (``ella+clip`` only).
+
+        Arguments are checked first (:func:`check_call_arguments`).
         """
         options = {k: kwargs.pop(k) for k in CALL_OPTIONS if k in kwargs}
+        parent_call = super().__call__
+        check_call_arguments(self, parent_call, args, kwargs, options)
         if "condition_mode" in options:
             check_mode(options["condition_mode"])
-        modules = [self.unet, getattr(self, "controlnet", None)]
+
         self._ella_options = options
         try:
-            with feed_conditions(modules, lambda: self._ella_table):
-                return super().__call__(*args, **kwargs)
+            with ConditionFeed(lambda: self._ella_table).install([self.unet, getattr(self, "controlnet", None)]):
+                return parent_call(*args, **kwargs)
         finally:
             self._ella_table = None
             self._ella_options = {}
+
+
+def check_call_arguments(pipe, parent_call, args: tuple, kwargs: dict, options: dict) -> None:
+    """Refuse a bad ``__call__`` before the LLM, the connector or the UNet runs, each mistake one line.
+
+    An argument the parent's ``__call__`` does not name (diffusers' ``**kwargs`` would swallow it
+    silently), a prompt that is not a string or a non-empty list of strings, an image side that is
+    not a positive multiple of 8, step or image counts below 1 (or more steps than the scheduler was
+    trained with), and guidance, strength and scales that are not finite (strength in (0, 1]).
+    """
+    named = {
+        name: p
+        for name, p in inspect.signature(parent_call).parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)  # diffusers' **kwargs only swallows typos
+    }
+    for key in kwargs:
+        if key not in named:
+            names = [*named, *CALL_OPTIONS]
+            close = [n for n in names if n.startswith(key)] or difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"see help({type(pipe).__name__}.__call__)"
+            raise InvalidArgumentError(f"{type(pipe).__name__} takes no argument {key!r}; {hint}")
+    try:
+        given = {**inspect.Signature(list(named.values())).bind(*args, **kwargs).arguments, **options}
+    except TypeError as e:  # too many positional arguments, or one given twice
+        raise InvalidArgumentError(f"{type(pipe).__name__}: {e}") from None
+
+    prompt = given.get("prompt")
+    if prompt is None and given.get("prompt_embeds") is None:
+        raise InvalidArgumentError("no prompt: pass the text to draw, a string or a list of strings")
+    for name in ("prompt", "negative_prompt"):
+        value = given.get(name)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, list):
+            raise InvalidArgumentError(f"{name} must be a string or a list of strings; got {type(value).__name__}")
+        odd = [type(p).__name__ for p in value if not isinstance(p, str)]
+        if odd:
+            raise InvalidArgumentError(f"{name} must be a string or a list of strings; got a list holding {odd[0]}")
+    if prompt == []:
+        raise InvalidArgumentError("prompt is an empty list: give at least one prompt")
+    for name in ("height", "width", "num_inference_steps", "num_images_per_prompt"):
+        value = given.get(name)
+        if value is None:
+            continue
+        side = name in ("height", "width")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or (side and value % 8):
+            what = "a positive number of pixels divisible by 8" if side else "a whole number of at least 1"
+            raise InvalidArgumentError(f"{name} must be {what}; got {value!r}")
+    train_steps = pipe.scheduler.config.get("num_train_timesteps")
+    if train_steps and (given.get("num_inference_steps") or 0) > train_steps:
+        raise InvalidArgumentError(
+            f"num_inference_steps must be at most {train_steps} (the scheduler's training timesteps); "
+            f"got {given['num_inference_steps']}"
+        )
+    for name in ("guidance_scale", "guidance_rescale", "eta", "strength", "clip_scale", "ella_scale"):
+        value = given.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+        ):
+            raise InvalidArgumentError(f"{name} must be a finite number; got {value!r}")
+    if given.get("strength") is not None and not 0 < given["strength"] <= 1:
+        raise InvalidArgumentError(f"strength must be in (0, 1] (1 starts from pure noise); got {given['strength']!r}")
 
 
 def check_mode(mode: str) -> None:
