@@ -16,15 +16,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ella.errors import EllaError
-from ella.train.cache import CachedDataset, read_cache_index, write_cache
+from ella.train.cache import write_cache
 from ella.train.data import (
     Augment,
+    CachedDataset,
     FolderDataset,
     HFImageDataset,
     TarShards,
     collate,
     open_dataset,
     prepare_image,
+    read_cache_index,
     sample_rng,
 )
 

@@ -1,17 +1,9 @@
 """`ella cache`: encode a dataset once — VAE latents, optionally LLM features — so training skips those models.
 
-Layout of a cache directory::
-
-    shard-00000.safetensors  latents [n, C, h, w] fp16, original_size / crop_top_left [n, 2] int64,
-                             and with an LLM: features [n, max_length, D] fp16, feature_mask [n, max_length] uint8
-    shard-00000.json         {"keys": [...], "captions": [...]}
-    empty.safetensors        features + feature_mask of the empty prompt (caption dropout), with an LLM only
-    cache.json               the index, written last: its presence means the cache is complete
-
-Latents are stored already shifted and scaled (``(z - shift_factor) * scaling_factor``): exactly
-what the UNet trains on. They are fp16 because that halves the disk and the VAE is not accurate to
-more digits anyway. Crops and flips are drawn once, with the seed, when caching: cached training
-sees the same crop every epoch (caption dropout still varies per epoch).
+This module is the cache's *writer*; the layout and its reader (:class:`~ella.train.data.CachedDataset`)
+live in ``data.py`` with the other dataset kinds. Latents are stored in fp16 because that halves the
+disk and the VAE is not accurate to more digits anyway. Crops and flips are drawn once, with the seed,
+when caching: cached training sees the same crop every epoch (caption dropout still varies per epoch).
 
 An interrupted run resumes: ``cache.partial.json`` records the settings, the finished shards and
 where in the (fixed-order) dataset they end, after every shard.
@@ -19,103 +11,26 @@ where in the (fixed-order) dataset they end, after every shard.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
 import os
 import warnings
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from ..devices import default_device, resolve_dtype
 from ..errors import EllaError
+from ..hub import SINGLE_FILE_SUFFIXES, check_offline, loading
 from ..io import atomic_path
-from .data import Augment, _Epoch, collate, open_dataset, sample_rng
+from ..text import PromptTruncatedWarning, encode_text, load_llm
+from .checkpoint import writable_dir
+from .config import MAX_SEED, require_train_extra
+from .data import CACHE_VERSION, Augment, CachedDataset, collate, open_dataset, read_cache_index
 from .models import encode_latents
-
-CACHE_VERSION = 1
-
-
-def read_cache_index(path: str | os.PathLike) -> dict:
-    """``cache.json`` of the cache directory ``path``, checked to be one this version can read."""
-    file = Path(path) / "cache.json"
-    try:
-        index = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise EllaError(
-            f"{path} has no cache.json: not a finished `ella cache` directory (re-run `ella cache` "
-            "with the same arguments to finish it)"
-        ) from None
-    except ValueError as err:
-        raise EllaError(f"{file} is not valid JSON ({err}); re-run `ella cache` into a new directory") from None
-    if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
-        raise EllaError(
-            f"{file} has cache format version {index.get('version') if isinstance(index, dict) else '?'}"
-            f", this ella reads version {CACHE_VERSION}; re-run `ella cache` into a new directory"
-        )
-    return index
-
-
-class CachedDataset(_Epoch, torch.utils.data.Dataset):
-    """Samples from an `ella cache` directory, read lazily: one ``safe_open`` per shard and worker process."""
-
-    def __init__(self, root: str | os.PathLike, aug: Augment):
-        from safetensors.torch import load_file
-
-        self.root, self.aug = Path(root), aug
-        self.index = read_cache_index(root)
-        shards = self.index["shards"]
-        self.starts = list(itertools.accumulate((s["count"] for s in shards), initial=0))
-        if self.starts[-1] == 0:
-            raise EllaError(f"no training samples in {root}: the cache is empty")
-        for name in (f"{s['name']}.{ext}" for s in shards for ext in ("safetensors", "json")):
-            if not (self.root / name).is_file():
-                raise EllaError(f"{root} is missing {name}; re-run `ella cache` into a new directory")
-        self.empty = load_file(self.root / "empty.safetensors") if self.index.get("llm") else None
-        self._files, self._meta, self._pid = {}, {}, None
-
-    def __getstate__(self) -> dict:  # open files don't cross into worker processes; each opens its own
-        return {**self.__dict__, "_files": {}, "_pid": None}
-
-    def __len__(self) -> int:
-        return self.starts[-1]
-
-    def _shard(self, s: int):
-        from safetensors import safe_open
-
-        if self._pid != os.getpid():
-            self._files, self._pid = {}, os.getpid()
-        if s not in self._files:
-            name = self.index["shards"][s]["name"]
-            self._files[s] = safe_open(str(self.root / f"{name}.safetensors"), framework="pt")
-            if s not in self._meta:
-                self._meta[s] = json.loads((self.root / f"{name}.json").read_text())
-        return self._files[s], self._meta[s]
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} of a cache with {len(self)}")
-        s = bisect.bisect_right(self.starts, index) - 1
-        j = index - self.starts[s]
-        file, meta = self._shard(s)
-        key = meta["keys"][j]
-        rng = sample_rng(self.aug.seed, self.epoch, key)
-        rng.random()  # the raw datasets' caption-choice draw: dropout decisions match uncached training
-        dropped = rng.random() < self.aug.caption_dropout
-        sample = {
-            "key": key,
-            "caption": "" if dropped else meta["captions"][j],
-            "latents": file.get_slice("latents")[j].float(),
-        }
-        for name in ("original_size", "crop_top_left"):
-            sample[name] = file.get_slice(name)[j].long()
-        if self.empty is not None:
-            if dropped:
-                sample["features"], mask = self.empty["features"].float(), self.empty["feature_mask"]
-            else:
-                sample["features"], mask = file.get_slice("features")[j].float(), file.get_slice("feature_mask")[j]
-            sample["feature_mask"] = mask.long()
-        return sample
 
 
 def _collate_flags(samples: list[dict | None]) -> tuple[dict, list[bool]]:
@@ -124,7 +39,13 @@ def _collate_flags(samples: list[dict | None]) -> tuple[dict, list[bool]]:
 
 
 def _json_safe(value):
-    return json.loads(json.dumps(value))
+    """``value`` as it reads back from JSON (tuples become lists), so settings compare equal across runs."""
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def _dumps(value, **kwargs) -> str:
+    """Strict JSON: a NaN or infinity is a bug upstream, and other JSON readers reject them."""
+    return json.dumps(value, allow_nan=False, **kwargs)
 
 
 def _start(out: Path, settings: dict) -> dict | None:
@@ -140,7 +61,15 @@ def _start(out: Path, settings: dict) -> dict | None:
     state = {"settings": settings, "shards": [], "batch": 0, "offset": 0, "skipped": 0, "truncated": 0}
     partial = out / "cache.partial.json"
     if partial.is_file():
-        state = json.loads(partial.read_text())
+        try:
+            state = json.loads(partial.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            state = err
+        if not isinstance(state, dict) or not {"settings", "shards", "batch", "offset"} <= state.keys():
+            raise EllaError(
+                f"{partial} is not the resume state of an interrupted `ella cache` run (unreadable or "
+                "incomplete); delete the directory and re-run"
+            )
         if state["settings"] != settings:
             differ = sorted(
                 k for k in settings.keys() | state["settings"].keys() if settings.get(k) != state["settings"].get(k)
@@ -161,8 +90,6 @@ def _start(out: Path, settings: dict) -> dict | None:
 
 
 def _save_shard(out: Path, name: str, rows: list[dict]) -> None:
-    from safetensors.torch import save_file
-
     tensors = {
         "latents": torch.stack([r["latents"] for r in rows]).to(torch.float16),
         "original_size": torch.stack([r["original_size"] for r in rows]).long(),
@@ -174,7 +101,7 @@ def _save_shard(out: Path, name: str, rows: list[dict]) -> None:
     with atomic_path(out / f"{name}.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     with atomic_path(out / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps({"keys": [r["key"] for r in rows], "captions": [r["caption"] for r in rows]}))
+        tmp.write_text(_dumps({"keys": [r["key"] for r in rows], "captions": [r["caption"] for r in rows]}))
 
 
 def _features(llm, tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
@@ -182,8 +109,6 @@ def _features(llm, tokenizer, captions: list[str], max_length: int) -> tuple[tor
 
     encode_text's per-prompt truncation warnings would flood a large run; they are counted instead.
     """
-    from ..text import PromptTruncatedWarning, encode_text
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptTruncatedWarning)
         states = encode_text(llm, tokenizer, captions, max_length=max_length).hidden_states
@@ -219,8 +144,6 @@ def write_cache(
     settings is returned as is. The VAE (and LLM) are moved to ``device``; a float16 VAE whose config
     asks for ``force_upcast`` encodes in float32, as diffusers' pipelines do.
     """
-    from tqdm.auto import tqdm
-
     aug = getattr(dataset, "aug", None)
     if isinstance(dataset, CachedDataset) or aug is None:
         raise EllaError("write_cache needs a raw dataset from open_dataset (images), not an `ella cache` directory")
@@ -236,8 +159,7 @@ def write_cache(
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
     if iterable and getattr(dataset, "world_size", 1) != 1:
         raise EllaError("write_cache reads all tar shards in one process: open the dataset with world_size=1")
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out_dir, "the cache directory")
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     vae_info = {
         "scaling_factor": float(vae.config.scaling_factor),
@@ -273,8 +195,6 @@ def write_cache(
     if llm is not None:
         llm.to(device)
         empty, empty_mask, _ = _features(llm, tokenizer, [""], max_length)
-        from safetensors.torch import save_file
-
         with atomic_path(out / "empty.safetensors") as tmp:
             save_file({"features": empty[0].contiguous(), "feature_mask": empty_mask[0].contiguous()}, str(tmp))
 
@@ -301,7 +221,7 @@ def write_cache(
         state["shards"].append({"name": name, "count": len(rows)})
         state.update(batch=batch_index, offset=offset)
         with atomic_path(out / "cache.partial.json") as tmp:
-            tmp.write_text(json.dumps(state))
+            tmp.write_text(_dumps(state))
         rows.clear()
 
     with torch.inference_mode():
@@ -343,8 +263,6 @@ def write_cache(
             f"no readable samples in {source or 'the dataset'}: all {state['skipped']} were unreadable "
             "or had no caption"
         )
-    from safetensors import safe_open
-
     with safe_open(str(out / f"{state['shards'][0]['name']}.safetensors"), framework="pt") as f:
         latent_shape = f.get_slice("latents").get_shape()[1:]
         hidden = f.get_slice("features").get_shape()[-1] if llm is not None else None
@@ -372,18 +290,37 @@ def write_cache(
         "settings": settings,
     }
     with atomic_path(out / "cache.json") as tmp:
-        tmp.write_text(json.dumps(index, indent=1))
+        tmp.write_text(_dumps(index, indent=1))
     (out / "cache.partial.json").unlink(missing_ok=True)
     return index
 
 
-def cache_command(args) -> str:
-    """``ella cache``: open the source raw (no caption dropout), load the VAE (and LLM), write; one summary line."""
-    from ..devices import default_device, resolve_dtype
-    from ..hub import SINGLE_FILE_SUFFIXES, check_offline, loading
+def check_cache_args(args) -> Path:
+    """Every ``ella cache`` number and the output path, checked before the dataset is scanned or a model loads.
 
+    Returns the output directory (created if missing). One line per problem, naming the flag.
+    """
+    if not isinstance(args.resolution, int) or args.resolution < 8 or args.resolution % 8:
+        raise EllaError(
+            f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
+        )
+    for name in ("batch_size", "shard_size", "llm_max_length"):
+        if getattr(args, name) < 1:
+            raise EllaError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.dataloader_num_workers < 0:
+        workers = args.dataloader_num_workers
+        raise EllaError(f"--dataloader_num_workers must be 0 (load in this process) or more, got {workers}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise EllaError(f"--seed must be in [0, 2**32), got {args.seed}")
     if bool(args.train_data_dir) == bool(args.dataset_name):
         raise EllaError("give exactly one of --train_data_dir or --dataset_name")
+    return writable_dir(args.output, "--output")
+
+
+def cache_command(args) -> str:
+    """``ella cache``: open the source raw (no caption dropout), load the VAE (and LLM), write; one summary line."""
+    require_train_extra()
+    out = check_cache_args(args)
     source = args.train_data_dir or args.dataset_name
     aug = Augment(
         resolution=args.resolution,
@@ -404,8 +341,6 @@ def cache_command(args) -> str:
     if args.features:
         needed.append(("LLM", str(args.llm_name_or_path), "config.json"))
     check_offline(needed)
-    from diffusers import AutoencoderKL
-
     with loading("base model", str(base)):
         if str(base).endswith(SINGLE_FILE_SUFFIXES):
             vae = AutoencoderKL.from_single_file(str(base))
@@ -413,13 +348,11 @@ def cache_command(args) -> str:
             vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     llm = tokenizer = None
     if args.features:
-        from ..text import load_llm
-
         llm, tokenizer = load_llm(args.llm_name_or_path, dtype=dtype, device=device)
     local = Path(source).expanduser()
     index = write_cache(
         dataset,
-        args.output,
+        out,
         vae,
         llm=llm,
         tokenizer=tokenizer,

@@ -11,21 +11,36 @@ A checkpoint directory ``checkpoint-<step>`` holds
 
 Only complete directories ever carry the ``checkpoint-`` name, so ``latest`` can never pick a
 half-written one; a leftover temp directory from a killed run is removed on the next save.
+
+A directory that holds a run is only ever continued, never started over (:func:`check_output_dir`),
+and a damaged checkpoint is an error naming the file, never a silent partial resume.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file, save_file
 
 from ..errors import EllaError
 from ..io import atomic_dir, atomic_path
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+#: What a finished (or time-limited) run leaves beside its checkpoints: the weights users load and its record.
+RUN_FILES = ("ella.safetensors", "connector", "training.json")
 
 
 @dataclass
@@ -63,9 +78,53 @@ def find_checkpoint(output_dir: str | Path, which: str) -> Path | None:
     return path
 
 
+def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a directory this process can write into (created if missing), or one line naming ``flag``.
+
+    Checked before any model loads: a typo or a read-only disk then costs a second, not the first
+    checkpoint interval.
+    """
+    out = Path(path).expanduser()
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise EllaError(f"{flag} {out} is not writable: {existing} is a file, not a directory; pick a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise EllaError(f"{flag} {out} is not writable ({err.strerror}); pick a directory you can write to") from None
+    return out
+
+
+def check_output_dir(path: str | os.PathLike, resume: str | None) -> Path:
+    """``--output_dir``, writable, and not another run's unless this run continues it.
+
+    A directory holding a run (checkpoints, exported weights, ``training.json``) is only ever
+    continued with ``--resume_from_checkpoint``: starting afresh there would replace that run's
+    checkpoints and weights. An empty or new directory starts fresh, with or without ``latest``.
+    """
+    out = writable_dir(path, "--output_dir")
+    checkpoints = list_checkpoints(out)
+    held = [p.name for p in checkpoints[-1:]] + [name for name in RUN_FILES if (out / name).exists()]
+    if held and not resume:
+        raise EllaError(
+            f"--output_dir {out} already holds a training run ({', '.join(held)}); continue it with "
+            "--resume_from_checkpoint latest, or pick a new --output_dir"
+        )
+    if held and resume == "latest" and not checkpoints:
+        raise EllaError(
+            f"--output_dir {out} holds a run's weights ({', '.join(held)}) but no checkpoint to continue "
+            "from; pick a new --output_dir"
+        )
+    return out
+
+
 def write_json(path: Path, data: dict) -> None:
+    """Strict JSON (no NaN or Infinity: other readers reject them), written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, progress: Progress, connector, ema, keep: int | None) -> Path:
@@ -91,17 +150,101 @@ def save_checkpoint(accelerator, output_dir: str | Path, progress: Progress, con
     return final
 
 
-def load_checkpoint(accelerator, path: Path, ema) -> Progress:
-    accelerator.load_state(str(path))
-    progress_file = path / f"progress-rank{accelerator.process_index}.json"
+class Resume(NamedTuple):
+    """A checkpoint to resume from, its small files already read and checked (see :func:`read_checkpoint`)."""
+
+    path: Path
+    progress: Progress
+    rng_file: Path
+    rng: dict  # accelerate's RNG states of this process, to check that load_state applied them
+
+
+def read_checkpoint(path: Path, process_index: int, num_processes: int) -> Resume:
+    """This process's progress record and RNG states from ``path``: read before any model loads, so a
+    damaged checkpoint costs a second. The weights and optimizer follow in :func:`load_checkpoint`."""
+    progress_file = path / f"progress-rank{process_index}.json"
     if not progress_file.is_file():
         raise EllaError(
-            f"{path} was written by fewer processes than this run has ({accelerator.num_processes}); "
+            f"{path} was written by fewer processes than this run has ({num_processes}); "
             "resume with the same number of processes"
         )
+    rng_file = path / f"random_states_{process_index}.pkl"
+    return Resume(path, read_progress(progress_file), rng_file, read_rng_states(rng_file))
+
+
+def load_checkpoint(accelerator, resume: Resume, ema) -> Progress:
+    """Restore everything a resumed run needs to repeat the uninterrupted one exactly, or say which file is damaged.
+
+    A damaged checkpoint is an error, never a silent partial resume: training on with a fresh RNG
+    stream or a different data position would break the promise that resuming is bit-identical.
+    """
+    try:
+        accelerator.load_state(str(resume.path))
+    except Exception as err:  # a truncated or foreign weight / optimizer file: name the checkpoint
+        raise EllaError(f"could not load checkpoint {resume.path} ({_first_line(err)}){DAMAGED}") from err
+    # accelerate skips RNG states it cannot apply, with only an info log; check that they took
+    if not rng_restored(resume.rng):
+        raise EllaError(f"{resume.rng_file} holds RNG states that could not be restored{DAMAGED}")
     if ema is not None:
-        load_ema(ema, path)
-    return Progress(**json.loads(progress_file.read_text()))
+        load_ema(ema, resume.path)
+    return resume.progress
+
+
+DAMAGED = (
+    "; resuming must repeat the interrupted run exactly, so pass an earlier checkpoint to "
+    "--resume_from_checkpoint, or start afresh in a new --output_dir"
+)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def read_progress(file: Path) -> Progress:
+    """A checkpoint's ``progress-rank<r>.json``: every :class:`Progress` count, each a whole number >= 0."""
+    names = {f.name for f in dataclasses.fields(Progress)}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise EllaError(f"{file} is not valid JSON ({_first_line(err)}){DAMAGED}") from None
+    if not isinstance(data, dict) or data.keys() != names or not all(type(v) is int and v >= 0 for v in data.values()):
+        raise EllaError(
+            f"{file} is not a training progress record (expected the counts {', '.join(sorted(names))}, "
+            f"each a whole number >= 0){DAMAGED}"
+        )
+    return Progress(**data)
+
+
+def read_rng_states(file: Path) -> dict:
+    """accelerate's saved RNG states (Python, NumPy, torch), read as accelerate reads them."""
+    try:
+        states = accelerate_load(file)
+    except Exception as err:  # missing, truncated or not a torch pickle at all
+        raise EllaError(f"{file} is not a readable RNG state ({_first_line(err)}){DAMAGED}") from None
+    needed = {"random_state", "numpy_random_seed", "torch_manual_seed"}
+    if not isinstance(states, dict) or not needed <= states.keys():
+        raise EllaError(f"{file} is not an RNG state record (expected {', '.join(sorted(needed))}){DAMAGED}")
+    return states
+
+
+def rng_restored(states: dict) -> bool:
+    """Do the global RNGs now hold ``states``? (After ``load_state``, which may have skipped them.)"""
+    try:
+        saved_np, now_np = states["numpy_random_seed"], np.random.get_state()
+        same = (
+            random.getstate() == states["random_state"]
+            and torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
+            and saved_np[0] == now_np[0]
+            and np.array_equal(saved_np[1], now_np[1])
+            and tuple(saved_np[2:]) == tuple(now_np[2:])
+        )
+        if same and torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            # one state per visible GPU; a machine with a different GPU count restores the ones both have
+            same = all(map(torch.equal, states["torch_cuda_manual_seed"], torch.cuda.get_rng_state_all()))
+        return bool(same)
+    except Exception:  # a state of the wrong type or shape: it cannot have been restored
+        return False
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
@@ -117,8 +260,6 @@ def export_connector(connector, ema, directory: Path, training: dict | None = No
     ``training`` (steps done, samples seen, why it stopped) goes to ``training.json`` beside them: a run
     stopped by a time limit says how far it got, so its weights can be reproduced by step count.
     """
-    import copy
-
     model = connector
     if ema is not None:
         model = copy.deepcopy(connector)
@@ -131,8 +272,6 @@ def export_connector(connector, ema, directory: Path, training: dict | None = No
 
 
 def save_ema(ema, directory: Path) -> None:
-    from safetensors.torch import save_file
-
     state = ema.state_dict()
     shadow = {f"{i}": p.detach().contiguous().cpu() for i, p in enumerate(state.pop("shadow_params"))}
     state.pop("collected_params", None)
@@ -142,9 +281,13 @@ def save_ema(ema, directory: Path) -> None:
 
 
 def load_ema(ema, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    shadow = load_file(str(directory / "ema.safetensors"))
-    state = json.loads((directory / "ema.json").read_text())
-    state["shadow_params"] = [shadow[f"{i}"] for i in range(len(shadow))]
-    ema.load_state_dict(state)
+    try:
+        shadow = load_file(str(directory / "ema.safetensors"))
+        state = json.loads((directory / "ema.json").read_text())
+        state["shadow_params"] = [shadow[f"{i}"] for i in range(len(shadow))]
+        ema.load_state_dict(state)
+    except Exception as err:  # missing (a run without --use_ema), truncated, or for another connector
+        raise EllaError(
+            f"could not load the EMA weights of {directory} ({_first_line(err)}); resume with the --use_ema "
+            f"setting the run was started with{DAMAGED}"
+        ) from err

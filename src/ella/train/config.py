@@ -12,13 +12,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EllaError
+from diffusers.optimization import SchedulerType
+
+from ..errors import EllaError, require
 from ..hub import DEFAULT_BASE, DEFAULT_LLM
+
+#: Seeds go to Python's, NumPy's and torch's global RNGs (accelerate's ``set_seed``); NumPy takes 32 bits.
+MAX_SEED = 2**32
+
+#: The ``[train]`` extra (pyproject.toml): tar shards, HF datasets, ``--config`` files, the default tracker.
+TRAIN_PACKAGES = ("yaml", "webdataset", "datasets", "tensorboard")  # yaml first: datasets imports it
 
 
 @dataclass
@@ -44,6 +56,9 @@ class TrainConfig:
     random_flip: bool = False
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works at inference
     dataloader_num_workers: int = 2
+    # Stop with an error once this many samples in a row (counted in whole batches) were unreadable: a few
+    # bad files are skipped, but a source where nothing decodes would otherwise keep the run at step 0.
+    max_consecutive_skipped: int = 1000
     # -- optimisation
     train_batch_size: int = 16  # per device
     gradient_accumulation_steps: int = 1
@@ -91,42 +106,37 @@ class TrainConfig:
         return self.connector_variant == "mlp"
 
     def validate(self) -> None:
-        """Reject impossible values up front, with the flag named — before any model is loaded."""
+        """Reject impossible values up front, one line naming the flag — before any data or model is touched.
+
+        Every number goes through :data:`RANGES` (finite first: argparse and YAML both read ``nan`` and
+        ``inf`` as floats, and an infinite learning rate would train an all-NaN connector).
+        """
+        # heavy: the connector module pulls in diffusers' models, and the CLI imports this module for every command
         from ..connector import VARIANTS
 
-        positive = (
-            "llm_max_length",
-            "resolution",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "max_train_steps",
-            "checkpointing_steps",
-            "logging_steps",
-            "validation_steps",
-            "connector_layers",
-            "connector_heads",
-            "connector_num_latents",
-            "validation_inference_steps",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise EllaError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            kind, optional, is_list = _field_type(f)
+            value = getattr(self, f.name)
+            if kind not in (int, float) or is_list or (value is None and optional):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise EllaError(f"--{f.name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise EllaError(f"--{f.name} must be a finite number, got {value}")
+            what, ok = RANGES[f.name]
+            if not ok(value):
+                raise EllaError(f"--{f.name} must be {what}, got {value}")
         if self.resolution % 8:
             raise EllaError(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {self.resolution}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise EllaError(f"--caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
-        if self.learning_rate <= 0:
-            raise EllaError(f"--learning_rate must be positive, got {self.learning_rate}")
         if self.connector_variant not in VARIANTS:
             raise EllaError(f"--connector_variant {self.connector_variant!r} is not one of {', '.join(VARIANTS)}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise EllaError(f"--mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise EllaError(f"--prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
-        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
-            raise EllaError(f"--max_train_minutes must be positive, got {self.max_train_minutes}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise EllaError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise EllaError(f"--lr_scheduler must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}")
         if (self.dataset_name is None) == (self.train_data_dir is None):
             raise EllaError(
                 "give exactly one of --train_data_dir (folder, .tar shards or `ella cache` dir) "
@@ -134,14 +144,79 @@ class TrainConfig:
             )
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise EllaError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
+        if self.resume_from_checkpoint == "":
+            raise EllaError("--resume_from_checkpoint needs 'latest' or a checkpoint directory, got ''")
+
+
+_at_least_1 = ("at least 1", lambda v: v >= 1)
+_positive = ("positive", lambda v: v > 0)
+_not_negative = ("0 or more", lambda v: v >= 0)
+
+#: What each number of :class:`TrainConfig` must be. Every int and float field has an entry (a test
+#: holds it to that), so a new field can't skip the check. ``None`` (an optional field left unset) passes.
+RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "llm_max_length": _at_least_1,
+    "llm_hidden_layer": ("a layer index (negative counts from the last)", lambda v: True),
+    "connector_layers": _at_least_1,
+    "connector_heads": _at_least_1,
+    "connector_num_latents": _at_least_1,
+    "resolution": _at_least_1,
+    "caption_dropout": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "dataloader_num_workers": ("0 (load in the training process) or more", lambda v: v >= 0),
+    "max_consecutive_skipped": _at_least_1,
+    "train_batch_size": _at_least_1,
+    "gradient_accumulation_steps": _at_least_1,
+    "max_train_steps": _at_least_1,
+    "max_train_minutes": _positive,
+    "learning_rate": _positive,
+    "lr_warmup_steps": _not_negative,
+    "adam_beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_weight_decay": _not_negative,
+    "adam_epsilon": _positive,
+    "max_grad_norm": _positive,
+    "ema_decay": ("in (0, 1)", lambda v: 0 < v < 1),
+    "snr_gamma": ("positive (5.0 is the usual value)", lambda v: v > 0),
+    "noise_offset": _not_negative,
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < MAX_SEED),
+    "logging_steps": _at_least_1,
+    "checkpointing_steps": _at_least_1,
+    "checkpoints_total_limit": _at_least_1,
+    "validation_steps": _at_least_1,
+    "validation_inference_steps": _at_least_1,
+    "validation_guidance_scale": ("a finite number", lambda v: True),
+}
+
+
+def require_train_extra() -> None:
+    """`ella train` and `ella cache` need the ``[train]`` extra: one line saying so, before any data or model."""
+    for module in TRAIN_PACKAGES:
+        require(module, "train")
+
+
+def require_optional_packages(cfg: TrainConfig) -> None:
+    """Packages outside the extra that an option asks for, checked before any data or model."""
+    wanted = []
+    if cfg.report_to == "wandb":
+        wanted.append(("wandb", "--report_to wandb"))
+    if cfg.use_8bit_adam:
+        wanted.append(("bitsandbytes", "--use_8bit_adam"))
+    for module, flag in wanted:
+        if importlib.util.find_spec(module) is None:
+            raise EllaError(f"{flag} needs {module}, which is not installed: pip install {module}")
 
 
 # ------------------------------------------------------------------------------- YAML and flags
 
 
+@functools.cache
+def _hints() -> dict[str, typing.Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
 def _field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
     """(scalar type, is_optional, is_list) of a TrainConfig field from its annotation."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = _hints()[f.name]
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args
     if optional:
@@ -179,8 +254,7 @@ def _none_or(kind: type):
 
 
 def load_yaml(path: str | Path) -> dict:
-    import yaml
-
+    yaml = require("yaml", "train")  # optional: only --config files need it, and the CLI imports this module always
     path = Path(path)
     if not path.is_file():
         raise EllaError(f"--config {path}: no such file")
@@ -212,7 +286,7 @@ def build_config(values: dict, source: str = "config") -> TrainConfig:
         elif kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:  # YAML 1.1 reads `1e-4` (no dot) as a string
                 checked[name] = float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise EllaError(f"{name} in {source} must be a number, got {value!r}") from None
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise EllaError(f"{name} in {source} must be {kind.__name__}, got {value!r}")
@@ -224,8 +298,11 @@ def build_config(values: dict, source: str = "config") -> TrainConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """default < YAML < flags."""
+    """default < YAML < flags; the packages and every value checked before any data or model is touched."""
+    require_train_extra()
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values.update(flags)
-    return build_config(values, source=args.config or "flags")
+    config = build_config(values, source=args.config or "flags")
+    require_optional_packages(config)
+    return config

@@ -1,11 +1,13 @@
 """Training data: image folders, webdataset tar shards, Hugging Face datasets and `ella cache` directories.
 
-Every source yields the same sample dicts, so the trainer never knows where its data came from. Two
-rules hold everywhere:
+Every source yields the same sample dicts, so the trainer never knows where its data came from. The
+cache's *format* (its layout and the reader, :class:`CachedDataset`) lives here with the other kinds;
+``cache.py`` writes it. Two rules hold everywhere:
 
 * **one bad sample never stops a run** — an undecodable image or a missing caption becomes ``None``,
   which :func:`collate` drops and counts; an empty or misnamed source fails in :func:`open_dataset`,
-  before any model loads;
+  before any model loads, and a source where nothing is readable stops the trainer with an error
+  (``TrainConfig.max_consecutive_skipped``) instead of spinning at step 0;
 * **every random decision is a function of (seed, epoch, sample key)** — crops, flips, caption
   dropout and the choice among several captions come from :func:`sample_rng`, never from a global
   RNG, so they don't depend on worker count, batch order or where a run resumed.
@@ -13,8 +15,10 @@ rules hold everywhere:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -25,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from ..errors import EllaError
+from ..errors import EllaError, require
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_KEYS = ("caption", "text", "prompt", "txt")  # json caption field lookup order
@@ -191,7 +197,7 @@ class HFImageDataset(_Epoch, torch.utils.data.Dataset):
         caption_column: str = "text",
         name: str = "the dataset",
     ):
-        import datasets
+        datasets = require("datasets", "train")  # optional, and slow to import: only HF sources need it
 
         for what, column in (("image", image_column), ("caption", caption_column)):
             if column not in dataset.column_names:
@@ -241,7 +247,7 @@ class TarShards(_Epoch, torch.utils.data.IterableDataset):
         return order[self.rank :: self.world_size][worker::num_workers]
 
     def __iter__(self):
-        import webdataset as wds
+        wds = require("webdataset", "train")  # optional, and slow to import: only tar sources need it
 
         info = torch.utils.data.get_worker_info()
         shards = self.shards_for(info.id, info.num_workers) if info else self.shards_for()
@@ -276,9 +282,8 @@ def _tar_caption(raw: dict):
 
 def _tar_shards(source: str) -> list[str]:
     """Brace patterns and ``::`` lists expanded as webdataset does; local shards must exist."""
-    from webdataset.shardlists import expand_urls
-
-    shards = expand_urls(source)
+    shardlists = require("webdataset.shardlists", "train")  # optional, slow to import: only tar sources need it
+    shards = shardlists.expand_urls(source)
     missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
     if missing:
         raise EllaError(
@@ -295,7 +300,7 @@ def _has_parquet(path: Path) -> bool:
 
 def _hf_dataset(source: str, split: str, *, local: bool):
     """``load_from_disk`` for a save_to_disk directory, else ``load_dataset`` (local data files or the Hub)."""
-    import datasets
+    datasets = require("datasets", "train")  # optional, and slow to import: only HF sources need it
 
     path = Path(source).expanduser()
     try:
@@ -324,6 +329,106 @@ def _hf_dataset(source: str, split: str, *, local: bool):
         ) from err
 
 
+# ------------------------------------------------------------------------------ `ella cache` directories
+
+#: The cache layout this version reads (and ``ella cache`` writes); bumped when the layout changes.
+CACHE_VERSION = 1
+
+
+def read_cache_index(path: str | os.PathLike) -> dict:
+    """``cache.json`` of the cache directory ``path``, checked to be one this version can read."""
+    file = Path(path) / "cache.json"
+    try:
+        index = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise EllaError(
+            f"{path} has no cache.json: not a finished `ella cache` directory (re-run `ella cache` "
+            "with the same arguments to finish it)"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise EllaError(f"{file} is not valid JSON ({err}); re-run `ella cache` into a new directory") from None
+    if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
+        raise EllaError(
+            f"{file} has cache format version {index.get('version') if isinstance(index, dict) else '?'}"
+            f", this ella reads version {CACHE_VERSION}; re-run `ella cache` into a new directory"
+        )
+    return index
+
+
+class CachedDataset(_Epoch, torch.utils.data.Dataset):
+    """Samples from an `ella cache` directory, read lazily: one ``safe_open`` per shard and worker process.
+
+    Layout of a cache directory::
+
+        shard-00000.safetensors  latents [n, C, h, w] fp16, original_size / crop_top_left [n, 2] int64,
+                                 and with an LLM: features [n, max_length, D] fp16, feature_mask [n, max_length] uint8
+        shard-00000.json         {"keys": [...], "captions": [...]}
+        empty.safetensors        features + feature_mask of the empty prompt (caption dropout), with an LLM only
+        cache.json               the index, written last: its presence means the cache is complete
+
+    Latents are stored already shifted and scaled (``(z - shift_factor) * scaling_factor``): exactly
+    what the UNet trains on. Crops and flips were drawn once, when caching, so every epoch sees the
+    same crop; caption dropout still varies per (seed, epoch, key), with the same draws as raw data.
+    """
+
+    def __init__(self, root: str | os.PathLike, aug: Augment):
+        self.root, self.aug = Path(root), aug
+        self.index = read_cache_index(root)
+        shards = self.index["shards"]
+        self.starts = list(itertools.accumulate((s["count"] for s in shards), initial=0))
+        if self.starts[-1] == 0:
+            raise EllaError(f"no training samples in {root}: the cache is empty")
+        for name in (f"{s['name']}.{ext}" for s in shards for ext in ("safetensors", "json")):
+            if not (self.root / name).is_file():
+                raise EllaError(f"{root} is missing {name}; re-run `ella cache` into a new directory")
+        self.empty = load_file(self.root / "empty.safetensors") if self.index.get("llm") else None
+        self._files, self._meta, self._pid = {}, {}, None
+
+    def __getstate__(self) -> dict:  # open files don't cross into worker processes; each opens its own
+        return {**self.__dict__, "_files": {}, "_pid": None}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _shard(self, s: int):
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        if s not in self._files:
+            name = self.index["shards"][s]["name"]
+            self._files[s] = safe_open(str(self.root / f"{name}.safetensors"), framework="pt")
+            if s not in self._meta:
+                self._meta[s] = json.loads((self.root / f"{name}.json").read_text())
+        return self._files[s], self._meta[s]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of a cache with {len(self)}")
+        s = bisect.bisect_right(self.starts, index) - 1
+        j = index - self.starts[s]
+        file, meta = self._shard(s)
+        key = meta["keys"][j]
+        rng = sample_rng(self.aug.seed, self.epoch, key)
+        rng.random()  # the raw datasets' caption-choice draw: dropout decisions match uncached training
+        dropped = rng.random() < self.aug.caption_dropout
+        sample = {
+            "key": key,
+            "caption": "" if dropped else meta["captions"][j],
+            "latents": file.get_slice("latents")[j].float(),
+        }
+        for name in ("original_size", "crop_top_left"):
+            sample[name] = file.get_slice(name)[j].long()
+        if self.empty is not None:
+            if dropped:
+                sample["features"], mask = self.empty["features"].float(), self.empty["feature_mask"]
+            else:
+                sample["features"], mask = file.get_slice("features")[j].float(), file.get_slice("feature_mask")[j]
+            sample["feature_mask"] = mask.long()
+        return sample
+
+
+# ------------------------------------------------------------------------------------- any source
+
+
 def open_dataset(
     source: str,
     aug: Augment,
@@ -345,8 +450,6 @@ def open_dataset(
     source = str(source)
     path = Path(source).expanduser()
     if path.is_dir() and (path / "cache.json").is_file():
-        from .cache import CachedDataset  # the cache format lives with its writer
-
         return CachedDataset(path, aug)
     if source.endswith(".tar"):
         return TarShards(_tar_shards(source), aug, rank=rank, world_size=world_size)

@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from ..connector import TimestepAwareSemanticConnector
 from ..errors import EllaError
 from ..hub import check_offline, loading
 from ..loading import load_connector
+from ..text import load_llm
 from .config import TrainConfig
 
 
@@ -34,8 +37,6 @@ class Dims:
 
 def read_dims(cfg: TrainConfig, cached_llm_hidden: int | None) -> Dims:
     """Config files only; ``cached_llm_hidden`` comes from an ``ella cache`` index that holds features."""
-    from diffusers import UNet2DConditionModel
-
     needed = [("base model", cfg.pretrained_model_name_or_path, "unet/config.json")]
     if cached_llm_hidden is None:
         needed.append(("LLM", cfg.llm_name_or_path, "config.json"))
@@ -51,8 +52,6 @@ def read_dims(cfg: TrainConfig, cached_llm_hidden: int | None) -> Dims:
     if cached_llm_hidden is not None:
         hidden = cached_llm_hidden
     else:
-        import transformers
-
         with loading("LLM", cfg.llm_name_or_path):
             llm_config = transformers.AutoConfig.from_pretrained(cfg.llm_name_or_path)
         hidden = getattr(llm_config, "d_model", None) or llm_config.hidden_size
@@ -105,10 +104,6 @@ def load_frozen(cfg: TrainConfig, weight_dtype: torch.dtype, device, *, need_vae
     Frozen weights never get ``.grad``: the loss still back-propagates *through* the UNet to the
     connector's output (input gradients only), which is all the connector needs.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from ..text import load_llm
-
     base = cfg.pretrained_model_name_or_path
     with loading("base model", base):
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype)

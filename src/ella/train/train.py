@@ -15,36 +15,44 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
 
 from ..errors import EllaError
+from ..text import Tokens, encode_tokens, tokenize, warn_truncated
 from .checkpoint import (
     Progress,
+    check_output_dir,
     export_connector,
     find_checkpoint,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig
-from .data import collate
+from .config import TrainConfig, require_optional_packages, require_train_extra
+from .data import Augment, collate, open_dataset
 from .models import Dims, encode_latents, load_frozen, make_connector, read_dims
+from .validation import validation_images
 
 
 def main(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output directory holding ``ella.safetensors``."""
     started = time.monotonic()  # --max_train_minutes counts from here: loading and compiling use the machine's time too
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    from .data import Augment, open_dataset
-
     cfg.validate()
-    output_dir = check_output_dir(cfg.output_dir)
+    require_train_extra()
+    require_optional_packages(cfg)
+    output_dir = check_output_dir(cfg.output_dir, cfg.resume_from_checkpoint)
+    source = cfg.train_data_dir or cfg.dataset_name
 
     # ---- Setup accelerate (DDP across processes when launched with `accelerate launch`)
     mixed_precision = cfg.mixed_precision
@@ -60,6 +68,13 @@ def main(cfg: TrainConfig) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
     )
     set_seed(cfg.seed)  # the connector's initial weights (latents, projections) come from the global RNG
+    resume = None  # a damaged checkpoint fails here, before any model loads; its weights load below
+    if cfg.resume_from_checkpoint:
+        path = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir} yet; starting from step 0")
+        else:
+            resume = read_checkpoint(path, accelerator.process_index, accelerator.num_processes)
     device = accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     if cfg.allow_tf32 and device.type == "cuda":
@@ -75,7 +90,7 @@ def main(cfg: TrainConfig) -> Path:
         seed=cfg.seed,
     )
     dataset = open_dataset(
-        cfg.train_data_dir or cfg.dataset_name,
+        source,
         aug,
         image_column=cfg.image_column,
         caption_column=cfg.caption_column,
@@ -118,18 +133,17 @@ def main(cfg: TrainConfig) -> Path:
         )
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    # On an H100 compile gives 1.27x (benchmarks/RESULTS.md); channels_last did not help the compiled UNet.
-    # Static shapes (dynamic ones crashed inductor's GroupNorm backward on the shapes world's UNet); so the
-    # loader drops an epoch's short last batch when compiling, which would compile everything once more.
+    # Compiling the frozen UNet gives 1.27x the steps per second on a data-centre GPU (benchmarks/RESULTS.md);
+    # channels_last did not help the compiled UNet. Static shapes (dynamic ones crashed inductor's GroupNorm
+    # backward on the shapes world's UNet); so the loader drops an epoch's short last batch when compiling,
+    # which would compile everything once more.
     unet_forward = torch.compile(unet, dynamic=False) if cfg.torch_compile else unet
 
     # ---- Optimizer (AdamW, paper: constant lr, weight decay 0.01), lr schedule, EMA
     optimizer_cls, extra = torch.optim.AdamW, {"fused": device.type == "cuda"}  # fused: one kernel per step
     if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise EllaError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        import bitsandbytes as bnb  # heavy and optional (--use_8bit_adam only); its presence was checked up front
+
         optimizer_cls, extra = bnb.optim.AdamW8bit, {}
     optimizer = optimizer_cls(
         connector.parameters(),
@@ -147,13 +161,11 @@ def main(cfg: TrainConfig) -> Path:
     )
     ema = None
     if cfg.use_ema:
-        from diffusers.training_utils import EMAModel
-
         ema = EMAModel(connector.parameters(), decay=cfg.ema_decay)
 
     if cfg.dataloader_num_workers > 0 and tokenizer is not None:
         # Every worker tokenizes whole batches; a thread pool in each (the tokenizers default: one thread per
-        # core) would oversubscribe the CPU several times over, three variants x 8 workers on one host.
+        # core) would oversubscribe the CPU many times over when several runs with several workers share a host.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -162,8 +174,8 @@ def main(cfg: TrainConfig) -> Path:
         collate_fn=collate if tokenizer is None else TokenizingCollate(tokenizer, cfg),
         num_workers=cfg.dataloader_num_workers,
         pin_memory=device.type == "cuda",
-        # A short last batch would make the compiled UNet compile again (static shapes): over a minute on
-        # an H100 host with three runs compiling at once, which stalled a time-limited run past its deadline.
+        # A short last batch would make the compiled UNet compile again (static shapes): that can take over a
+        # minute when several runs compile at once, long enough to push a time-limited run past its deadline.
         drop_last=cfg.torch_compile
         and not isinstance(dataset, torch.utils.data.IterableDataset)
         and len(dataset) >= cfg.train_batch_size * accelerator.num_processes,
@@ -174,19 +186,24 @@ def main(cfg: TrainConfig) -> Path:
 
     # ---- Resume
     progress = Progress()
-    if cfg.resume_from_checkpoint:
-        path = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
-        if path is None:
-            accelerator.print(f"no checkpoint in {output_dir} yet; starting from step 0")
-        else:
-            progress = load_checkpoint(accelerator, path, ema)
-            accelerator.print(f"resumed from {path} at step {progress.global_step}")
+    if resume is not None:
+        progress = load_checkpoint(accelerator, resume, ema)
+        accelerator.print(f"resumed from {resume.path} at step {progress.global_step}")
     if ema is not None:
         ema.to(device)
     if accelerator.is_main_process:
         accelerator.init_trackers("ella-train", config=tracker_config(cfg))
 
     # ---- The loop
+    generator = torch.Generator(device=device)
+    window_start, window_samples, data_wait = time.perf_counter(), 0, [0.0]
+    deadline = started + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
+    stopped_by = "steps"
+    # Set on the device when a step's loss is NaN or infinite, read only where the loop logs or writes weights
+    # (see check_finite): the hot loop never waits for the GPU.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    checked_step = progress.global_step
+    unreadable_in_a_row = 0  # samples in batches with nothing readable, since the last readable one
     bar = tqdm(
         total=cfg.max_train_steps,
         initial=progress.global_step,
@@ -195,108 +212,130 @@ def main(cfg: TrainConfig) -> Path:
         disable=not accelerator.is_local_main_process,
         dynamic_ncols=True,
     )
-    generator = torch.Generator(device=device)
-    window_start, window_samples, data_wait = time.perf_counter(), 0, [0.0]
-    deadline = started + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
-    stopped_by = "steps"
-    while progress.global_step < cfg.max_train_steps and stopped_by == "steps":
-        start_epoch(loader, dataset, progress.epoch)
-        batches = (
-            accelerator.skip_first_batches(loader, progress.batches_in_epoch) if progress.batches_in_epoch else loader
-        )
-        for batch in timed(batches, data_wait):
-            progress.batches_in_epoch += 1
-            progress.micro_steps += 1
-            progress.skipped += batch["skipped"]
-            if not batch["captions"]:
-                continue  # every sample of this batch was unreadable
-            generator.manual_seed(noise_seed(cfg.seed, accelerator.process_index, progress.micro_steps))
-            with accelerator.accumulate(connector):
-                latents = batch_latents(batch, vae, device)
-                features, mask = batch_features(batch, llm, cfg, device)
-                loss = diffusion_loss(
-                    connector,
-                    unet_forward,
-                    noise_scheduler,
-                    latents,
-                    features,
-                    mask,
-                    dims=dims,
-                    time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
-                    generator=generator,
-                    noise_offset=cfg.noise_offset,
-                    snr_gamma=cfg.snr_gamma,
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(connector.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.samples_seen += len(batch["captions"])
-            window_samples += len(batch["captions"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            bar.update(1)
-            if ema is not None:
-                ema.step(connector.parameters())
-            if progress.global_step % cfg.logging_steps == 0 or progress.global_step == 1:
-                elapsed = time.perf_counter() - window_start
-                logs = {
-                    "loss": loss.detach().item(),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": window_samples / max(elapsed, 1e-9),
-                    "skipped_samples": progress.skipped,
-                    "data_wait_fraction": data_wait[0] / max(elapsed, 1e-9),
-                }
-                if device.type == "cuda":
-                    logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                accelerator.log(logs, step=progress.global_step)
-                bar.set_postfix(
-                    loss=f"{logs['loss']:.4f}",
-                    sps=f"{logs['samples_per_s']:.1f}",
-                    skipped=progress.skipped,
-                    data_wait=f"{logs['data_wait_fraction']:.0%}",
-                )
-                window_start, window_samples, data_wait[0] = time.perf_counter(), 0, 0.0
-            done = progress.global_step >= cfg.max_train_steps
-            if not done and out_of_time(deadline):
-                done, stopped_by = True, "time"
-                accelerator.print(
-                    f"--max_train_minutes {cfg.max_train_minutes} reached: stopping at step "
-                    f"{progress.global_step} of {cfg.max_train_steps} (resume to go on)"
-                )
-            if progress.global_step % cfg.checkpointing_steps == 0 or done:
-                save_checkpoint(
-                    accelerator,
-                    output_dir,
-                    progress,
-                    accelerator.unwrap_model(connector),
-                    ema,
-                    cfg.checkpoints_total_limit,
-                )
-            if cfg.validation_prompts and (progress.global_step % cfg.validation_steps == 0 or done):
-                run_validation(
-                    cfg,
-                    accelerator,
-                    connector,
-                    ema,
-                    unet,
-                    vae,
-                    llm,
-                    tokenizer,
-                    noise_scheduler,
-                    dims,
-                    progress.global_step,
-                    weight_dtype,
-                )
-            if done:
-                break
-        else:  # the epoch ran out before max_train_steps
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-    bar.close()
+    with bar:  # closed before an error message, so the message gets a line of its own
+        while progress.global_step < cfg.max_train_steps and stopped_by == "steps":
+            start_epoch(loader, dataset, progress.epoch)
+            whole_epoch, readable_in_epoch, skipped_in_epoch = progress.batches_in_epoch == 0, False, 0
+            batches = (
+                accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+                if progress.batches_in_epoch
+                else loader
+            )
+            for batch in timed(batches, data_wait):
+                progress.batches_in_epoch += 1
+                progress.micro_steps += 1
+                progress.skipped += batch["skipped"]
+                skipped_in_epoch += batch["skipped"]
+                if not batch["captions"]:  # every sample of this batch was unreadable
+                    unreadable_in_a_row += batch["skipped"]
+                    bar.set_postfix(skipped=progress.skipped)
+                    if unreadable_in_a_row >= cfg.max_consecutive_skipped:
+                        raise EllaError(
+                            f"the last {unreadable_in_a_row} samples of {source} were all unreadable (undecodable "
+                            "images or missing captions), so training could not start or go on; fix the data, "
+                            "or raise --max_consecutive_skipped if long broken stretches are expected"
+                        )
+                    continue
+                unreadable_in_a_row, readable_in_epoch = 0, True
+                generator.manual_seed(noise_seed(cfg.seed, accelerator.process_index, progress.micro_steps))
+                with accelerator.accumulate(connector):
+                    latents = batch_latents(batch, vae, device)
+                    features, mask = batch_features(batch, llm, cfg, device)
+                    loss = diffusion_loss(
+                        connector,
+                        unet_forward,
+                        noise_scheduler,
+                        latents,
+                        features,
+                        mask,
+                        dims=dims,
+                        time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
+                        generator=generator,
+                        noise_offset=cfg.noise_offset,
+                        snr_gamma=cfg.snr_gamma,
+                    )
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(connector.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                progress.samples_seen += len(batch["captions"])
+                window_samples += len(batch["captions"]) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                progress.global_step += 1
+                bar.update(1)
+                if ema is not None:
+                    ema.step(connector.parameters())
+                if progress.global_step % cfg.logging_steps == 0 or progress.global_step == 1:
+                    check_finite(accelerator, nonfinite, connector, checked_step, progress.global_step)
+                    checked_step = progress.global_step
+                    elapsed = time.perf_counter() - window_start
+                    logs = {
+                        "loss": loss.detach().item(),
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_s": window_samples / max(elapsed, 1e-9),
+                        "skipped_samples": progress.skipped,
+                        "data_wait_fraction": data_wait[0] / max(elapsed, 1e-9),
+                    }
+                    if device.type == "cuda":
+                        logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    accelerator.log(logs, step=progress.global_step)
+                    bar.set_postfix(
+                        loss=f"{logs['loss']:.4f}",
+                        sps=f"{logs['samples_per_s']:.1f}",
+                        skipped=progress.skipped,
+                        data_wait=f"{logs['data_wait_fraction']:.0%}",
+                    )
+                    window_start, window_samples, data_wait[0] = time.perf_counter(), 0, 0.0
+                done = progress.global_step >= cfg.max_train_steps
+                if not done and out_of_time(deadline):
+                    done, stopped_by = True, "time"
+                    accelerator.print(
+                        f"--max_train_minutes {cfg.max_train_minutes} reached: stopping at step "
+                        f"{progress.global_step} of {cfg.max_train_steps} (resume to go on)"
+                    )
+                save = progress.global_step % cfg.checkpointing_steps == 0 or done
+                validate = cfg.validation_prompts and (progress.global_step % cfg.validation_steps == 0 or done)
+                if (save or validate) and checked_step < progress.global_step:
+                    check_finite(accelerator, nonfinite, connector, checked_step, progress.global_step)
+                    checked_step = progress.global_step
+                if save:
+                    save_checkpoint(
+                        accelerator,
+                        output_dir,
+                        progress,
+                        accelerator.unwrap_model(connector),
+                        ema,
+                        cfg.checkpoints_total_limit,
+                    )
+                if validate:
+                    run_validation(
+                        cfg,
+                        accelerator,
+                        connector,
+                        ema,
+                        unet,
+                        vae,
+                        llm,
+                        tokenizer,
+                        noise_scheduler,
+                        dims,
+                        progress.global_step,
+                        weight_dtype,
+                    )
+                if done:
+                    break
+            else:  # the epoch ran out before max_train_steps
+                if whole_epoch and not readable_in_epoch:  # the next epoch reads the same files: stop now
+                    raise EllaError(
+                        f"a whole epoch of {source} had no readable sample ({skipped_in_epoch} unreadable: "
+                        "undecodable images, missing captions or unreadable tar shards); fix the data"
+                    )
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
 
     # ---- Final weights beside the checkpoints: the files a user loads
     accelerator.wait_for_everyone()
@@ -370,13 +409,28 @@ def diffusion_loss(
         target = noise
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
         snr = compute_snr(noise_scheduler, timesteps)
         weight = torch.clamp(snr, max=snr_gamma)
         weight = weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
         per_sample = per_sample * weight
     return per_sample.mean()
+
+
+def check_finite(accelerator, nonfinite: torch.Tensor, connector, since: int, step: int) -> None:
+    """Stop before a NaN reaches the logs or the disk: a non-finite loss since step ``since``, or weights.
+
+    One host sync, at logging steps and before every checkpoint or validation, never in between; the
+    answer is the same on every process (the flag is summed over them), so all stop together.
+    """
+    weights_ok = torch.stack([torch.isfinite(p).all() for p in connector.parameters()]).all()
+    bad = torch.stack([nonfinite, ~weights_ok]).float()
+    loss_bad, weights_bad = (accelerator.reduce(bad, reduction="sum") > 0).tolist()
+    if loss_bad or weights_bad:
+        what = "the loss became NaN or infinite" if loss_bad else "the connector's weights became NaN or infinite"
+        raise EllaError(
+            f"{what} between steps {since} and {step}; stopped without saving them (checkpoints already "
+            "written are from before). Try a lower --learning_rate, or --mixed_precision bf16 or no instead of fp16"
+        )
 
 
 def timed(batches, clock: list[float]):
@@ -398,8 +452,6 @@ def timed(batches, clock: list[float]):
 def out_of_time(deadline: float | None) -> bool:
     """Past ``deadline`` (``time.monotonic``)? Under torch.distributed every process gets the same answer (if
     any is late, all are), so all stop at the same step — the trainer's processes and the shapes recipe's alike."""
-    import torch.distributed as dist
-
     if deadline is None:
         return False
     late = time.monotonic() > deadline
@@ -424,8 +476,6 @@ def batch_latents(batch: dict, vae, device) -> torch.Tensor:
 
 def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LLM features of the captions (already "" where dropped): cached, or computed now with the frozen LLM."""
-    from ..text import Tokens, encode_tokens, warn_truncated
-
     if "features" in batch:
         mask = batch["feature_mask"].to(device)
         return batch["features"].to(device), mask if cfg.flexible_features else None
@@ -450,8 +500,6 @@ class TokenizingCollate:
         self.tokenizer, self.max_length, self.flexible = tokenizer, cfg.llm_max_length, cfg.flexible_features
 
     def __call__(self, samples: list[dict | None]) -> dict:
-        from ..text import tokenize
-
         batch = collate(samples)
         if batch["captions"]:
             tokens = tokenize(self.tokenizer, batch["captions"], max_length=self.max_length, flexible=self.flexible)
@@ -468,24 +516,7 @@ def time_ids(batch: dict, resolution: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- plumbing
 
 
-def check_output_dir(path: str) -> Path:
-    """Fail now, not after the first checkpoint interval, if checkpoints can't be written."""
-    out = Path(path).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise EllaError(
-            f"--output_dir {out} is not writable ({err.strerror}); pick a directory you can write to"
-        ) from None
-    return out
-
-
 def vae_scaling(cfg: TrainConfig) -> float:
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL.load_config(cfg.pretrained_model_name_or_path, subfolder="vae")["scaling_factor"]
 
 
@@ -498,8 +529,6 @@ def start_epoch(loader, dataset, epoch: int) -> None:
 
 def tracker_config(cfg: TrainConfig) -> dict:
     """Trackers accept scalars only."""
-    from dataclasses import asdict
-
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()}
 
 
@@ -508,8 +537,6 @@ def run_validation(
     cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, noise_scheduler, dims, step, weight_dtype
 ) -> None:
     """Images for the fixed validation prompts (EMA weights if on) → PNG grid + trackers."""
-    from .validation import validation_images
-
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return

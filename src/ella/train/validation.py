@@ -11,21 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+from PIL import Image
+
+from ..io import atomic_path
+from ..pipelines import EllaStableDiffusionPipeline
+from ..text import load_llm
 
 
 def validation_images(
     cfg, connector, unet, vae, llm, tokenizer, noise_scheduler, dims, step: int, weight_dtype, accelerator
 ) -> Path | None:
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
-    from PIL import Image
-
-    from ..io import atomic_path
-    from ..pipelines import EllaStableDiffusionPipeline
-    from ..text import load_llm
-
+    """A PNG grid of the validation prompts at ``step`` (also sent to the trackers); None when skipped."""
     if dims.sdxl_style:
         warnings.warn(
-            "validation images for SDXL-style UNets need the ELLA-SDXL pipeline (issue 6); skipped", stacklevel=2
+            "validation images for SDXL-style UNets are not drawn yet (validation builds the SD1.5 pipeline); skipped",
+            stacklevel=2,
         )
         return None
     device = accelerator.device
