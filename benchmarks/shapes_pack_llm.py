@@ -8,7 +8,7 @@ bit-identical features: the rows it zeroes are never looked up. It is only for c
 that ship and everything on this machine use the real package.
 
     python benchmarks/shapes_pack_llm.py            # -> .whl/minilm.tar.xz
-    (the GPU job unpacks it and points ELLA_SHAPES_LLM at it)
+    (the GPU job unpacks it and stands in for the package with a module whose get_model_path() points at it)
 
 Coverage is checked, not assumed: the kept pieces come from the training captions (seed 0, the
 recipe's 100k) and 2,000 held-out ones, then 20,000 captions of another seed must need nothing more.
@@ -25,6 +25,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModel, AutoTokenizer
+
+from ella.shapes.captions import caption_for
+from ella.shapes.evaluate import EVAL_SEED_OFFSET
+from ella.shapes.models import minilm_path
 
 
 def used_ids(tokenizer, captions: list[str]) -> set[int]:
@@ -36,12 +41,6 @@ def used_ids(tokenizer, captions: list[str]) -> set[int]:
 
 
 def main() -> None:
-    from transformers import AutoModel, AutoTokenizer
-
-    from ella.shapes.captions import caption_for
-    from ella.shapes.evaluate import EVAL_SEED_OFFSET
-    from ella.shapes.models import minilm_path
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".whl/minilm.tar.xz")
     parser.add_argument("--n-train", type=int, default=100_000)

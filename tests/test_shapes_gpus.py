@@ -1,90 +1,105 @@
-"""The recipe's data-parallel loops: N processes with DDP train exactly what one process does on the whole batch."""
+"""The recipe under a launcher: N processes train what one process trains on the whole batch, agree on when
+to stop, and fail together."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from ella.cli import main as cli
 from ella.errors import EllaError
-from ella.shapes.gpus import data_parallel, run_on_gpus
+from ella.shapes import models as M
+from ella.shapes.evaluate import CEILING
 from ella.shapes.recipe import Recipe, reproduce
 
-STEPS = 3
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _data():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)
+def torchrun(*args: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2`` on this machine (gloo over CPU processes, a free port)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def _train(rank: int, world: int, out) -> None:
-    """A few SGD steps of a linear model on this process's half of a fixed batch."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)  # identical replicas, as the recipe's loops make them
-    model = torch.nn.Linear(5, 3)
-    step = data_parallel(model, world, torch.device("cpu"))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = _data()
-    x, y = x[rank::world], y[rank::world]
-    for _ in range(STEPS):
-        loss = torch.nn.functional.mse_loss(step(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}-of-{world}.safetensors")
-    )
+def flat(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([weights[k].float().flatten() for k in sorted(weights)])
 
 
-def test_two_processes_train_the_same_weights_as_one_process_on_the_whole_batch(tmp_path):
-    from safetensors.torch import load_file
+def test_two_processes_under_torchrun_train_what_one_process_trains_and_share_every_stage(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    args = ["--smoke", "--out", str(two), "--variants", "tsc", "mlp"]
+    done = torchrun("-m", "ella.cli", "shapes", "reproduce", *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert cli(["shapes", "reproduce", "--smoke", "--out", str(one), "--until", "base"]) == 0
 
-    run_on_gpus(_train, 2, tmp_path)  # two spawned CPU processes, gloo, DDP
-    run_on_gpus(_train, 1, tmp_path)  # in this process, no group
-    alone = load_file(tmp_path / "rank0-of-1.safetensors")
-    first, second = (load_file(tmp_path / f"rank{r}-of-2.safetensors") for r in (0, 1))
-    torch.manual_seed(0)
-    start = torch.nn.Linear(5, 3)
-    assert not torch.allclose(start.weight, alone["weight"])  # it trained
-    for name in alone:
-        assert torch.equal(first[name], second[name])  # replicas stay identical
-        # DDP averages the halves' gradients = the gradient of the whole batch's mean loss
-        torch.testing.assert_close(first[name], alone[name], rtol=1e-5, atol=1e-6)
+    # The VAE and base loops: each global batch is drawn alike on both processes and split between them, and
+    # DDP averages the halves' gradients, so the weights are one process's up to float rounding — far below
+    # what training moved them (a wrong split, e.g. both halves the same, differs by as much as training moves).
+    starts = {"vae": M.new_vae(0).state_dict(), "base/unet": M.new_unet(0).half().state_dict()}
+    for part, start in starts.items():
+        a = flat(load_file(one / part / "diffusion_pytorch_model.safetensors"))
+        b = flat(load_file(two / part / "diffusion_pytorch_model.safetensors"))
+        moved = (a - flat(start)).abs().mean()
+        assert moved > 1e-4  # it trained
+        assert (a - b).abs().mean() < 1e-3 * moved, part
+        assert ((a - b).abs() > 1e-5).float().mean() < 0.01, part
+    scale = [json.loads((run / "vae" / "config.json").read_text())["scaling_factor"] for run in (one, two)]
+    assert scale[0] == pytest.approx(scale[1], rel=1e-4)
+    assert json.loads((two / "base" / "training.json").read_text())["samples"] == 12  # 3 steps x global batch 4
+    assert json.loads((two / "recipe.json").read_text())["processes"] == 2
+
+    # The connector trainer ran in-process over both (global batch 4 = 2 per process), one variant after the
+    # other, and the recipe's group came back after each (the trainer tears it down) for the next and for the
+    # eval: every row scored once, each item drawn by one of the two processes.
+    for variant in ("tsc", "mlp"):
+        training = json.loads((two / f"connector-{variant}" / "training.json").read_text())
+        assert (training["steps"], training["samples_seen"]) == (2, 8)
+    scores = json.loads((two / "reproduce.json").read_text())["scores"]
+    assert set(scores) == {CEILING, "base (weak encoder)", "+tsc", "+mlp"}
+    for row in ("base-weak-encoder", "tsc", "mlp"):
+        assert sorted(p.name for p in (two / "eval" / row).glob("*.png")) == ["shapes-00000.png", "shapes-00001.png"]
+    assert done.stdout.count('"scores"') == 1  # printed once, by rank 0
 
 
-def _clock(rank: int, world: int, out) -> None:
-    import time
-
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from ella.shapes.gpus import barrier, join
     from ella.train.train import out_of_time
 
-    deadline = time.monotonic() + (-1.0 if rank == 0 else 3600.0)  # only rank 0 is out of time
-    (out / f"past{rank}").write_text(str(out_of_time(deadline)))
+    with join("cpu") as group:
+        late = out_of_time(time.monotonic() + (-1.0 if group.rank == 0 else 3600.0))  # only rank 0 is late
+        print(f"rank {group.rank} of {group.world}: late={late}", flush=True)
+        if sys.argv[1] == "fail" and group.rank == 1:
+            raise RuntimeError("rank 1 fails")
+        barrier(group)  # rank 0 waits here for a peer that, when failing, never comes
+    """
+)
 
 
-def test_a_deadline_stops_every_process_when_any_one_is_past_it(tmp_path):
-    run_on_gpus(_clock, 2, tmp_path)
-    assert [(tmp_path / f"past{r}").read_text() for r in (0, 1)] == ["True", "True"]
-    from ella.train.train import out_of_time
-
-    assert out_of_time(None) is False
-
-
-def test_a_failing_process_fails_the_run(tmp_path):
-    with pytest.raises(Exception, match="rank"):
-        run_on_gpus(_fail, 2)
+def test_every_process_stops_when_one_is_past_the_deadline_and_a_failing_process_fails_the_run(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    ok = torchrun(str(script), "pass", timeout=180)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "rank 0 of 2: late=True" in ok.stdout and "rank 1 of 2: late=True" in ok.stdout
+    failed = torchrun(str(script), "fail", timeout=180)  # returns (no hang at rank 0's barrier), and non-zero
+    assert failed.returncode != 0
+    assert "rank 1 fails" in failed.stderr
 
 
-def _fail(rank: int, world: int) -> None:
-    if rank == 1:
-        raise RuntimeError(f"rank {rank} fails")
-
-
-@pytest.mark.parametrize("field", ["vae_batch", "base_batch"])
-def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, field):
+@pytest.mark.parametrize("field", ["vae_batch", "base_batch", "connector_batch"])
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, monkeypatch, field):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as a launcher of three processes sets it; checked before joining
     recipe = Recipe.smoke(str(tmp_path / "run"))
-    recipe.processes = 3
-    recipe.vae_batch = recipe.base_batch = 6
+    recipe.vae_batch = recipe.base_batch = recipe.connector_batch = 6
     setattr(recipe, field, 4)
     with pytest.raises(EllaError, match=f"{field}=4 is the global batch .* multiple of 3"):
         reproduce(recipe)

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from ella.cli import main as cli
+from ella.shapes.oracle import ShapesOracle
 from ella.shapes.ship import PACKAGED, describe, load_shapes_pipeline
 
 
@@ -49,8 +51,6 @@ def test_ella_generate_model_shapes_is_deterministic(tmp_path):
 @pytest.mark.parametrize("background", ["white", "black"])
 def test_shipped_base_draws_the_background_it_is_asked_for(background):
     """The trained weights, not noise: the caption's first words (inside the base's 20-token window) are obeyed."""
-    from ella.shapes.oracle import ShapesOracle
-
     pipe = load_shapes_pipeline(kind="base")
     image = pipe(
         f"a {background} background with one big green circle in the center",
@@ -67,8 +67,6 @@ def test_shipped_base_draws_the_background_it_is_asked_for(background):
 
 
 def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
-    from PIL import Image
-
     out = tmp_path / "demo.png"
     assert cli(["demo", "--out", str(out), "--items", "1", "--steps", "3"]) == 0
     assert "questions pass" in capsys.readouterr().out

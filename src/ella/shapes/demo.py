@@ -7,6 +7,8 @@ Runs offline on a CPU in seconds.
 
 from __future__ import annotations
 
+import math
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -14,11 +16,44 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import EllaError
 from ..io import atomic_path
+from ..sample import MAX_SEED
+from . import models as M
+from .evaluate import EVAL_SEED_OFFSET
+from .oracle import ShapesOracle
+from .questions import shapes_benchmark
+from .ship import load_shapes_pipeline
 
 SCALE = 3  # 64 px -> 192 px
 LINE = 14
 TEXT_WIDTH = 560
+MAX_ITEMS = 100  # one sheet: a row per prompt, about 300 px each
+MAX_STEPS = M.SCHEDULER_CONFIG["num_train_timesteps"]  # DDIM can't take more steps than the schedule has
+
+
+def check_demo_args(out: str | Path, *, items: int, seed: int, steps: int, guidance: float, kind: str) -> Path:
+    """Every ``ella demo`` value, checked in one line each before the model loads; returns the output path."""
+    if isinstance(items, bool) or not isinstance(items, int) or not 1 <= items <= MAX_ITEMS:
+        raise EllaError(f"--items must be an integer in [1, {MAX_ITEMS}] (one sheet); got {items!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise EllaError(f"--steps must be an integer in [1, {MAX_STEPS}]; got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - items:
+        raise EllaError(f"--seed must be in [0, 2**64) with room for one seed per item (seed + i); got {seed!r}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise EllaError(f"guidance must be a finite number >= 0; got {guidance}")
+    if kind not in ("ella", "base"):
+        raise EllaError(f"unknown shapes model kind {kind!r}; use ella or base")
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise EllaError(f"--out {out} is a directory; give the PNG file to write (e.g. {out / 'ella-demo.png'})")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise EllaError(f"--out {out} is under {blocker}, which is a file; give a PNG path in a directory")
+    folder = next(p for p in out.parents if p.exists())
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EllaError(f"--out {out}: {folder} is not writable; pick a path you can write to")
+    return out
 
 
 def run_demo(
@@ -31,11 +66,8 @@ def run_demo(
     guidance: float = 5.0,
     kind: str = "ella",
 ) -> dict:
-    from .evaluate import EVAL_SEED_OFFSET
-    from .oracle import ShapesOracle
-    from .questions import shapes_benchmark
-    from .ship import load_shapes_pipeline
-
+    """Draw ``items`` held-out prompts and write the PASS/FAIL sheet to ``out``; returns the counts and timing."""
+    out = check_demo_args(out, items=items, seed=seed, steps=steps, guidance=guidance, kind=kind)
     t0 = time.perf_counter()
     pipe = load_shapes_pipeline(model, kind=kind)
     benchmark, _ = shapes_benchmark(items, seed + EVAL_SEED_OFFSET, n_objects=None)
@@ -46,8 +78,8 @@ def run_demo(
             prompt,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            height=64,
-            width=64,
+            height=M.RESOLUTION,
+            width=M.RESOLUTION,
             generator=torch.Generator().manual_seed(seed + i),
         ).images[0]
         marks = [(q.question, oracle(image, q.question) == "yes") for q in benchmark.questions[item_id]]
@@ -69,7 +101,7 @@ def run_demo(
 
 def compose(rows: list[tuple[Image.Image, str, list[tuple[str, bool]]]]) -> Image.Image:
     font = ImageFont.load_default()
-    side = 64 * SCALE
+    side = M.RESOLUTION * SCALE
     blocks = []
     for image, prompt, marks in rows:
         lines = [(text, "black") for text in textwrap.wrap(prompt, 90)] + [("", "black")]

