@@ -35,7 +35,7 @@ Method, in two phases:
    bracketed by ``torch.cuda.synchronize()`` + ``time.perf_counter``; "s/image" = median per call
    / batch.
 
-Why both wall time and GPU-busy time: on the H100 host used for this project a 512x512 SD1.5 step
+Why both wall time and GPU-busy time: on a lent GPU host (an H100's, 2026-11-26) a 512x512 SD1.5 step
 at batch 1 (UNet batch 2 with CFG) is CPU/kernel-launch bound (eager UNet ~28 ms of Python and
 launches vs ~12 ms of GPU work; measured 2026-11-26), and that host's CPU speed varies by tens of
 percent between calls. Wall-time ratios then measure Python overhead (and noise) more than GPU
@@ -44,7 +44,7 @@ wall-time medians comparable. Afterwards (unless ``--no-components``) the parts 
 T5 encode, ours' batched condition table, the connector run at every step (official), one UNet
 step (wall time, eager).
 
-Why: the issue's targets are
+Why: the targets this measures against are
   * ours <= 1.03x plain SD1.5 per image (the connector + T5 cost must be negligible),
   * the release's per-step recompute is ~1.2x plain (what the condition table saves),
   * peak GPU memory <= 6 GB at batch 1 in fp16.
@@ -347,19 +347,9 @@ def param_count(module: torch.nn.Module) -> int:
 
 
 def parse_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    table = {
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float32": torch.float32,
-        "fp32": torch.float32,
-    }
-    if name not in table:
-        raise SystemExit(f"unknown --dtype {name!r}; use auto or one of {', '.join(table)}")
-    return table[name]
+    from ella.devices import resolve_dtype  # the package's own policy: fp16 on CUDA, fp32 elsewhere
+
+    return resolve_dtype(name, str(device))
 
 
 def finite_t5(t5, tokenizer, notes: list[str]) -> None:

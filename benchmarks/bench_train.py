@@ -5,7 +5,7 @@ Every configuration runs the *trainer's own* step — ``ella.train.train.diffusi
 timestep per sample, connector → frozen UNet → MSE), ``accelerator.backward``, gradient clipping,
 AdamW step — under ``accelerate`` bf16 mixed precision, exactly as ``ella train`` does. What varies:
 
-* ``naive``     — frozen UNet kept in fp32 under bf16 autocast, eager (the loop the issue measured:
+* ``naive``     — frozen UNet kept in fp32 under bf16 autocast, eager (the first trainer's loop, measured:
   116 samples/s at batch 64, 19% MFU, 72 GB);
 * ``bf16``      — frozen UNet *stored* in bf16 (what ``ella train`` does: no per-op weight casts);
 * ``+cl``       — and channels_last activations/weights (cuDNN's preferred conv layout);
@@ -13,8 +13,8 @@ AdamW step — under ``accelerate`` bf16 mixed precision, exactly as ``ella trai
 * inputs ``cached`` (latents + LLM features from ``ella cache``) or ``t5`` (features computed by a
   flan-t5-xl-size encoder every step; latents cached) or ``raw`` (VAE encode of 512² images too).
 
-MFU uses the issue's model FLOPs: 2 × 803 GFLOP per sample (UNet forward + input-gradient backward;
-no weight gradients are computed for the frozen UNet), against the H100 SXM dense bf16 peak of
+MFU uses the model FLOPs: 2 × 803 GFLOP per sample (UNet forward + input-gradient backward;
+no weight gradients are computed for the frozen UNet), against the Hopper (H100/H200 SXM) dense bf16 peak of
 989.4 TFLOP/s; the script also counts the UNet forward FLOPs itself (``torch.utils.flop_counter``)
 and prints them, to check the 803. Samples/s is per GPU, steady state (after compile warm-up),
 timed with CUDA syncs around ``--steps`` steps; peak memory is ``max_memory_allocated``.
@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_inference import FLAN_T5_XL, SD15_SCHEDULER, SD15_UNET, SD15_VAE, TINY_T5, TINY_UNET, TINY_VAE
 
-H100_BF16_PEAK = 989.4e12
-UNET_GFLOP_PER_SAMPLE = 2 * 803  # the issue's model FLOPs: forward + input-gradient backward
+HOPPER_BF16_PEAK = 989.4e12
+UNET_GFLOP_PER_SAMPLE = 2 * 803  # model FLOPs: forward + input-gradient backward
 
 
 def build(args, device):
@@ -224,7 +224,7 @@ def run_config(
         "processes": accelerator.num_processes,
         "samples_per_s": round(sps, 1),
         "total_samples_per_s": round(sps * accelerator.num_processes, 1),
-        "mfu": round(sps * UNET_GFLOP_PER_SAMPLE * 1e9 / H100_BF16_PEAK, 4),
+        "mfu": round(sps * UNET_GFLOP_PER_SAMPLE * 1e9 / HOPPER_BF16_PEAK, 4),
         "step_ms": round(1000 * elapsed / args.steps, 1),
         "warmup_s": round(warm_s, 1),
         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     models = build(args, device)
     gflop = count_unet_gflop(models[0].to(device), device, 8 if args.tiny else 64, models[0].config.cross_attention_dim)
-    state.print(f"UNet forward: {gflop:.1f} GFLOP per sample (counted); the issue uses 803", flush=True)
+    state.print(f"UNet forward: {gflop:.1f} GFLOP per sample (counted); MFU uses 803", flush=True)
     suffix = f"_ddp{state.num_processes}" if state.num_processes > 1 else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

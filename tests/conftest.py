@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import CLIPTextModel, CLIPTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,6 +33,56 @@ def tiny_connector(seed: int = 0, **overrides) -> TimestepAwareSemanticConnector
             if ".ln_" in name:
                 p.normal_(0, 0.05)
     return model.eval()
+
+
+def rebuild(pipe, cls, clip_dir=None, **extra):
+    """The fixture's parts as another pipeline kind (optionally with the base's CLIP for ella+clip)."""
+    text_encoder = tokenizer = None
+    if clip_dir is not None:
+        text_encoder = CLIPTextModel.from_pretrained(clip_dir / "text_encoder").eval()
+        tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    p = cls(
+        vae=pipe.vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        connector=pipe.connector,
+        llm=pipe.llm,
+        llm_tokenizer=pipe.llm_tokenizer,
+        **extra,
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture()
+def run_cli(monkeypatch, capsys):
+    """``ella ARGV...`` in this process (fast: no new interpreter): returns (exit code, stdout, stderr)."""
+    import warnings
+
+    from ella.cli import main
+
+    # main() quiets libraries for the session (warning format, verbosity variables): undo that afterwards
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        monkeypatch.setenv(var, os.environ.get(var, "error"))
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def assert_refused(code: int, err: str, *needles: str) -> None:
+    """Exit 2 with exactly one ``ella: error:`` line holding every needle: what a user error must look like."""
+    assert code == 2, err
+    assert err.startswith("ella: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
 
 
 @pytest.fixture(scope="session")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import warnings
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
+from conftest import assert_refused
 from ella.bench import run
 from ella.bench.generate import make_grid
-from ella.cli import main
 
 # the packaged DSG-1k file's known annotation slips are reported on every load; not what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore::ella.bench.data.BenchmarkDataWarning")
@@ -30,15 +28,11 @@ def loader(what: str):
 
 
 @pytest.fixture()
-def ella_cli(monkeypatch, capsys):
+def ella_cli(monkeypatch, run_cli):
     """``ella ARGS...`` in this process with every model loader replaced: returns (exit code, stderr).
 
     A check that comes after a load would surface as ``Reached`` instead of exit 2.
     """
-    # main() quiets libraries for the session (warning format, verbosity variables): undo that afterwards
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        monkeypatch.setenv(var, os.environ.get(var, "error"))
     monkeypatch.setattr(run, "load_pipeline", loader("pipeline"))
     monkeypatch.setattr(run, "load_plain_pipeline", loader("plain pipeline"))
     monkeypatch.setattr(run, "load_vqa", loader("VQA model"))
@@ -47,17 +41,10 @@ def ella_cli(monkeypatch, capsys):
     monkeypatch.setattr(run, "_state", lambda device: single)
 
     def call(*argv: str) -> tuple[int, str]:
-        code = main(list(argv))
-        return code, capsys.readouterr().err
+        code, _, err = run_cli(*argv)
+        return code, err
 
     return call
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert err.startswith("ella: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
 
 
 # --------------------------------------------------------------------------------------- generate

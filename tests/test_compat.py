@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import ControlNetModel, EulerDiscreteScheduler
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
 
+from conftest import rebuild
 from ella.errors import EllaError
 from ella.pipelines import (
     EllaStableDiffusionControlNetPipeline,
@@ -25,27 +25,6 @@ KW = {"num_inference_steps": 5, "output_type": "np"}
 
 def gen(seed: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed)]
-
-
-def rebuild(pipe, cls, clip_dir=None, **extra):
-    """The fixture's parts as another pipeline kind (optionally with the base's CLIP for ella+clip)."""
-    text_encoder = tokenizer = None
-    if clip_dir is not None:
-        text_encoder = CLIPTextModel.from_pretrained(clip_dir / "text_encoder").eval()
-        tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
-    p = cls(
-        vae=pipe.vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=pipe.unet,
-        scheduler=pipe.scheduler,
-        connector=pipe.connector,
-        llm=pipe.llm,
-        llm_tokenizer=pipe.llm_tokenizer,
-        **extra,
-    )
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def record(module) -> list:

@@ -15,7 +15,7 @@ from diffusers import ControlNetModel
 from PIL import Image
 from torch import nn
 
-from conftest import UNET_DIM, tiny_connector
+from conftest import UNET_DIM, rebuild, tiny_connector
 from ella.conditioning import ConditionFeed, ConditionTable, placeholder_embeds
 from ella.errors import EllaError
 from ella.pipelines import (
@@ -46,22 +46,6 @@ def reference(pipe, texts: list[str], t) -> torch.Tensor:
     """The condition recomputed from scratch: the LLM on ``texts`` (one per sample), the connector at ``t``."""
     feats = encode_text(pipe.llm, pipe.llm_tokenizer, texts, max_length=128).hidden_states
     return pipe.connector(feats, t)
-
-
-def rebuild(pipe, cls, **extra):
-    p = cls(
-        vae=pipe.vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=pipe.unet,
-        scheduler=pipe.scheduler,
-        connector=pipe.connector,
-        llm=pipe.llm,
-        llm_tokenizer=pipe.llm_tokenizer,
-        **extra,
-    )
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def random_image(seed: int) -> Image.Image:

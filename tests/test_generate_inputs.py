@@ -4,10 +4,8 @@ and nothing a user wrote is ever lost or replaced."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ella.cli import main
+from conftest import assert_refused
 from ella.connector import CONFIG_METADATA_KEY, CheckpointMismatchError, TimestepAwareSemanticConnector
 from ella.errors import EllaError
 from ella.sample import SampleSettings, generate_to_dir, open_image
@@ -30,24 +28,17 @@ def reached(*args, **kwargs):
 
 
 @pytest.fixture()
-def ella_cli(monkeypatch, capsys):
-    """``ella ARGS...`` in this process: returns (exit code, stdout, stderr). ``loads=False`` replaces every model
+def ella_cli(monkeypatch, run_cli):
+    """``ella ARGS...`` in this process: (exit code, stdout, stderr). ``loads=False`` replaces every model
     loader, so a check that came after a load would surface as ``Reached`` instead of exit 2."""
     import ella.loading
-
-    # main() quiets libraries for the session (warning format, verbosity variables): undo that afterwards
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        monkeypatch.setenv(var, os.environ.get(var, "error"))
 
     def call(*argv: str, loads: bool = True) -> tuple[int, str, str]:
         with monkeypatch.context() as m:
             if not loads:
                 for name in ("load_connector", "load_llm", "load_base"):
                     m.setattr(ella.loading, name, reached)
-            code = main(list(argv))
-        out = capsys.readouterr()
-        return code, out.out, out.err
+            return run_cli(*argv)
 
     return call
 
@@ -158,9 +149,7 @@ def test_sidecars_are_strict_json(ella_cli, models, tmp_path):
 )
 def test_bad_values_are_one_line_before_any_model_loads(ella_cli, models, tmp_path, args, message):
     code, _, err = ella_cli("generate", "a cat", *models, *args, "--out", str(tmp_path / "out"), loads=False)
-    assert code == 2, err
-    assert err.startswith("ella: error: ") and err.count("\n") == 1, err
-    assert message in err
+    assert_refused(code, err, message)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

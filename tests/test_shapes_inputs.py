@@ -11,6 +11,7 @@ import torch
 import ella
 import ella.shapes.cli as shapes_cli
 import ella.shapes.demo as demo
+from conftest import assert_refused
 from ella.cli import build_parser
 from ella.cli import main as cli
 
@@ -18,11 +19,10 @@ from ella.cli import main as cli
 def refused(capsys, argv: list[str], match: str) -> str:
     """Run ``argv``; it must fail with exit 2 and exactly one error line containing ``match``."""
     capsys.readouterr()
-    assert cli(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ella: error: ") and "\n" not in err, err
-    assert match in err, err
-    return err
+    code = cli(argv)
+    err = capsys.readouterr().err
+    assert_refused(code, err, match)
+    return err.strip()
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from .io import atomic_path
 TimestepsLike = torch.Tensor | int | float | Sequence[int | float]
 
 #: The connector variants of the paper's Table 6 ablation, selectable with ``variant=``.
-#: ``tsc`` is the released model; the others exist to reproduce the ablation (and issue 5).
+#: ``tsc`` is the released model; the others exist to reproduce the ablation (the shapes world trains all of them).
 VARIANTS = ("tsc", "tsc_adaln_zero", "resampler", "mlp")
 
 #: safetensors metadata key holding the connector config in files written by ``save_single_file``.
