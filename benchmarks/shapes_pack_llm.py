@@ -10,8 +10,10 @@ that ship and everything on this machine use the real package.
     python benchmarks/shapes_pack_llm.py            # -> .whl/minilm.tar.xz
     (the GPU job unpacks it and stands in for the package with a module whose get_model_path() points at it)
 
-Coverage is checked, not assumed: the kept pieces come from the training captions (seed 0, the
-recipe's 100k) and 2,000 held-out ones, then 20,000 captions of another seed must need nothing more.
+Coverage is checked, not assumed: the kept pieces are those of every word the world's language can emit
+(``ella.shapes.language.VOCABULARY``: training and held-out wording, each word one word piece), digits and
+punctuation, and of sample captions of every kind; then 20,000 training captions and 2,000 prompts of each
+evaluation kind from another seed must need nothing more.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from ella.shapes.captions import caption_for
+from ella.shapes.captions import KINDS, caption_for, prompt_for
 from ella.shapes.evaluate import EVAL_SEED_OFFSET
+from ella.shapes.language import VOCABULARY
 from ella.shapes.models import minilm_path
 
 
@@ -43,17 +46,19 @@ def used_ids(tokenizer, captions: list[str]) -> set[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".whl/minilm.tar.xz")
-    parser.add_argument("--n-train", type=int, default=100_000)
     args = parser.parse_args()
 
     source = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModel.from_pretrained(source, torch_dtype=torch.float16)
-    captions = [caption_for(0, i) for i in range(args.n_train)] + [
-        caption_for(EVAL_SEED_OFFSET, i) for i in range(2000)
-    ]
+    captions = [" ".join(sorted(VOCABULARY)), "0 1 2 3 4 5 6 7 8 9 . , ; : ( ) - ' \" ! ?"]
+    captions += [caption_for(0, i) for i in range(2000)]
+    captions += [prompt_for(EVAL_SEED_OFFSET, i, kind).text for kind in KINDS for i in range(500)]
     keep = used_ids(tokenizer, captions)
-    extra = used_ids(tokenizer, [caption_for(7, i) for i in range(20_000)]) - keep
+    check = [caption_for(7, i) for i in range(20_000)] + [
+        prompt_for(7, i, kind).text for kind in KINDS for i in range(2000)
+    ]
+    extra = used_ids(tokenizer, check) - keep
     if extra:
         raise SystemExit(
             f"captions of another seed use {len(extra)} word pieces the packed copy would zero: "

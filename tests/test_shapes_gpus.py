@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ella.cli import main as cli
 from ella.errors import EllaError
 from ella.shapes import models as M
-from ella.shapes.evaluate import CEILING
+from ella.shapes.evaluate import CEILING, COUNTS, EVAL_KINDS
 from ella.shapes.recipe import Recipe, reproduce
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -55,16 +55,20 @@ def test_two_processes_under_torchrun_train_what_one_process_trains_and_share_ev
     assert json.loads((two / "base" / "training.json").read_text())["samples"] == 12  # 3 steps x global batch 4
     assert json.loads((two / "recipe.json").read_text())["processes"] == 2
 
-    # The connector trainer ran in-process over both (global batch 4 = 2 per process), one variant after the
-    # other, and the recipe's group came back after each (the trainer tears it down) for the next and for the
-    # eval: every row scored once, each item drawn by one of the two processes.
+    # The connectors trained in-process over both (global batch 4 = 2 per process, DDP), one variant after the
+    # other, then the eval: every row scored once on each prompt kind, each item drawn by one of the processes.
     for variant in ("tsc", "mlp"):
         training = json.loads((two / f"connector-{variant}" / "training.json").read_text())
         assert (training["steps"], training["samples_seen"]) == (2, 8)
     scores = json.loads((two / "reproduce.json").read_text())["scores"]
     assert set(scores) == {CEILING, "base (weak encoder)", "+tsc", "+mlp"}
+    items = [f"n{count}-shapes-00000.png" for count in COUNTS]  # smoke: one scene per object count
     for row in ("base-weak-encoder", "tsc", "mlp"):
-        assert sorted(p.name for p in (two / "eval" / row).glob("*.png")) == ["shapes-00000.png", "shapes-00001.png"]
+        for kind in EVAL_KINDS:
+            assert sorted(p.name for p in (two / "eval" / row / kind).glob("*.png")) == items
+        assert set(scores[f"+{row}" if row != "base-weak-encoder" else "base (weak encoder)"]["kinds"]) == set(
+            EVAL_KINDS
+        )
     assert done.stdout.count('"scores"') == 1  # printed once, by rank 0
 
 

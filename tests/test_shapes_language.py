@@ -45,6 +45,7 @@ from ella.shapes.language import (
     words,
 )
 from ella.shapes.world import BACKGROUNDS, COLOURS, PLURALS, SHAPES
+from ella.text import strip_prompt_weights
 
 SEED = 77
 SIZE_MEANING = {
@@ -271,6 +272,14 @@ def test_captions_fit_the_connector_and_the_length_estimate_is_exact():
     assert max(lengths) <= MAX_TOKENS, texts[lengths.index(max(lengths))]
     assert [estimate_tokens(t) for t in texts] == lengths
     assert sum(lengths) / len(lengths) > 50  # five objects: still dense
+
+
+def test_captions_hold_no_prompt_weight_markup():
+    # A pipeline strips A1111 markup ("(word)", "[word]") before the LLM: a caption holding brackets would be
+    # trained on one text and read as another at inference.
+    texts = [describe(scene_for(SEED, i), random.Random(i)).text for i in range(3000)]
+    texts += [prompt_for(SEED, i, kind).text for i in range(300) for kind in KINDS]
+    assert [t for t in texts if strip_prompt_weights(t) != t] == []
 
 
 def test_questions_ask_only_what_the_prompt_states():

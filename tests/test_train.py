@@ -627,3 +627,50 @@ def test_missing_hub_models_are_named_with_the_train_flags(folder, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and "nobody/no-such-base" in err and "nobody/no-such-llm" in err
     assert "--pretrained_model_name_or_path DIR" in err and "--llm_name_or_path DIR" in err and "--base DIR" not in err
+
+
+def test_a_wrapped_mlp_connector_still_masks_the_unet(tiny_sd):
+    """DDP hides the connector's attributes behind .module: the MLP's text mask must still reach the UNet."""
+    import torch.distributed as dist
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from torch.nn.parallel import DistributedDataParallel
+
+    from conftest import UNET_DIM, tiny_connector
+    from ella.train.models import Dims
+    from ella.train.train import diffusion_loss
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet").requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd / "scheduler")
+    mlp = tiny_connector(variant="mlp")
+    dims = Dims(llm_hidden=16, cross_attention_dim=UNET_DIM, pooled_dim=None, unet_config=dict(unet.config))
+    latents = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    features = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+
+    def loss(connector, with_mask=True):
+        return diffusion_loss(
+            connector,
+            unet,
+            scheduler,
+            latents,
+            features,
+            mask if with_mask else None,
+            dims=dims,
+            generator=torch.Generator().manual_seed(2),
+        )
+
+    bare = loss(mlp)
+    assert not torch.equal(bare, loss(mlp, with_mask=False))  # the mask matters for this batch
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        assert torch.equal(loss(DistributedDataParallel(mlp)), bare)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

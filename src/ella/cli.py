@@ -324,8 +324,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def quiet_libraries() -> None:
     """Library chatter (deprecations, loading bars, optional-backend notices) is not for CLI users;
     our own warnings print as one ``ella: warning:`` line each; the sampling progress bar stays."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.formatwarning = lambda message, *args, **kwargs: f"ella: warning: {message}\n"
@@ -334,9 +332,15 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
+    # the variables below only act on a library not imported yet; a shapes command imported both to build its flags
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before anything imports transformers or diffusers: their import-time notices are not for CLI users
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:

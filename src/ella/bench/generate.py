@@ -77,8 +77,11 @@ def generate_grids(
     shard: tuple[int, int] = (0, 1),
     is_main: bool = True,
     progress: bool = True,
+    items_per_call: int = 1,
 ) -> list[Path]:
     """Generate the missing grids of this process's shard; returns the paths written.
+
+    ``items_per_call`` items (4 tiles each) go through the pipeline in one batched call.
 
     ``pipe`` is any diffusers text-to-image pipeline (ours or a plain baseline);
     ``call_kwargs`` go to every call (steps, guidance, negative prompt ...); ``settings``
@@ -95,22 +98,25 @@ def generate_grids(
     }
     check_manifest(out_dir, manifest, write=is_main)
     todo = [i for i in shard_items(list(prompts), *shard) if not (out_dir / f"{i}.png").is_file()]
+    chunks = [todo[j : j + items_per_call] for j in range(0, len(todo), items_per_call)]
     if progress:
-        todo = tqdm(todo, desc=f"generating (shard {shard[0]}/{shard[1]})", unit="item")
+        chunks = tqdm(chunks, desc=f"generating (shard {shard[0]}/{shard[1]})", unit="call")
     device = pipe._execution_device
     written = []
-    for item_id in todo:
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    for chunk in chunks:
+        # Several items per call fill a large GPU; each tile still has its own seed, so the images do not
+        # depend on the chunking (beyond the last bits of batched arithmetic).
+        generators = [torch.Generator(device=device).manual_seed(s) for _ in chunk for s in seeds]
         images = pipe(
-            prompts[item_id],
-            num_images_per_prompt=TILES,
+            [prompts[item_id] for item_id in chunk for _ in seeds],
             generator=generators,
             height=tile_size,
             width=tile_size,
             output_type="pil",
             **call_kwargs,
         ).images
-        with atomic_path(out_dir / f"{item_id}.png") as tmp:
-            make_grid(images).save(tmp, format="PNG")
-        written.append(out_dir / f"{item_id}.png")
+        for j, item_id in enumerate(chunk):
+            with atomic_path(out_dir / f"{item_id}.png") as tmp:
+                make_grid(images[j * TILES : (j + 1) * TILES]).save(tmp, format="PNG")
+            written.append(out_dir / f"{item_id}.png")
     return written

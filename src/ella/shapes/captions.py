@@ -348,10 +348,11 @@ def _fields(gs: list[_Group], bg: str | None, lex: Lexicon, rng: random.Random) 
             noun = PLURALS[g.group.shape] if g.plural else g.group.shape
             g.mention = L.FIELD_GROUP.format(Noun=_cap(noun), fields=sep.join(values))[:-1]
             parts.append(g.mention + ".")
-    else:  # "Objects: large red circle (top left); two small blue squares (center and row 3, column 1)."
+    else:  # "Objects: large red circle - top left; two small blue squares - center and row 3, column 1."
+        # (not parentheses: a pipeline reads "(...)" as A1111 emphasis markup and strips it)
         for g in gs:
             where = _bare_places(g)
-            g.mention = _noun(g, rng) + (f" ({where})" if where else "")
+            g.mention = _noun(g, rng) + (f" - {where}" if where else "")
         parts = [rng.choice(L.FIELD_OBJECTS).format("; ".join(g.mention for g in gs))]
     if bg is not None:
         noun = rng.choice(lex.bg_nouns)

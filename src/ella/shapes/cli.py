@@ -17,6 +17,7 @@ from ..errors import EllaError
 from ..sample import SampleSettings, generate_to_dir
 from . import models as M
 from .demo import run_demo
+from .language import warn_unknown_words
 from .recipe import STAGES, Recipe, reproduce
 from .ship import load_shapes_pipeline
 
@@ -159,6 +160,7 @@ def generate(args: argparse.Namespace, settings: dict) -> int:
     defaults = {"guidance": GUIDANCE, "width": M.RESOLUTION, "height": M.RESOLUTION}
     settings = SampleSettings(**{**settings, **{k: v for k, v in defaults.items() if settings.get(k) is None}})
     settings.validate(len(args.prompt))
+    warn_unknown_words(args.prompt)
     pipe = load_shapes_pipeline(None if args.model == "shapes" else args.model, device=args.device or "cpu")
     generate_to_dir(pipe, args.prompt, settings, args.out, {"model": args.model}, on_saved=print)
     return 0

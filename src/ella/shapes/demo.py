@@ -2,7 +2,9 @@
 
 One row per prompt: the image (enlarged, nearest-neighbour so pixels stay honest) beside the prompt
 and its question graph, each question PASS (green) or FAIL (red) as the shapes-DPG judge sees it.
-Runs offline on a CPU in seconds.
+The prompts cycle through the kinds the model is scored on — training-style wording, wording it never
+saw in training, terse tags, and an under-specified prompt (only what it states is asked) — so the
+sheet shows language understanding, not one template. Runs offline on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from ..errors import EllaError
 from ..io import atomic_path
 from ..sample import MAX_SEED
 from . import models as M
-from .evaluate import EVAL_SEED_OFFSET
+from .captions import prompt_for
+from .evaluate import EVAL_KINDS, EVAL_SEED_OFFSET
+from .language import warn_unknown_words
 from .oracle import ShapesOracle
-from .questions import shapes_benchmark
+from .questions import questions
 from .ship import load_shapes_pipeline
+from .world import scene_for
 
 SCALE = 3  # 64 px -> 192 px
 LINE = 14
@@ -70,10 +75,13 @@ def run_demo(
     out = check_demo_args(out, items=items, seed=seed, steps=steps, guidance=guidance, kind=kind)
     t0 = time.perf_counter()
     pipe = load_shapes_pipeline(model, kind=kind)
-    benchmark, _ = shapes_benchmark(items, seed + EVAL_SEED_OFFSET, n_objects=None)
     oracle = ShapesOracle()
     rows, t_gen = [], time.perf_counter()
-    for i, (item_id, prompt) in enumerate(benchmark.prompts.items()):
+    for i in range(items):
+        prompt_kind = EVAL_KINDS[i % len(EVAL_KINDS)]
+        caption = prompt_for(seed + EVAL_SEED_OFFSET, i, prompt_kind)
+        prompt = caption.text
+        warn_unknown_words([prompt])
         image = pipe(
             prompt,
             num_inference_steps=steps,
@@ -82,8 +90,9 @@ def run_demo(
             width=M.RESOLUTION,
             generator=torch.Generator().manual_seed(seed + i),
         ).images[0]
-        marks = [(q.question, oracle(image, q.question) == "yes") for q in benchmark.questions[item_id]]
-        rows.append((image, prompt, marks))
+        asked = questions(scene_for(seed + EVAL_SEED_OFFSET, i), caption.specified)
+        marks = [(q.question, oracle(image, q.question) == "yes") for q in asked]
+        rows.append((image, f"[{prompt_kind}] {prompt}", marks))
     per_image = (time.perf_counter() - t_gen) / max(1, items)
     sheet = compose(rows)
     with atomic_path(out) as tmp:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -483,6 +484,24 @@ def unknown_words(prompt: str) -> list[str]:
         if w not in VOCABULARY and w not in FUNCTION_WORDS and w not in out:
             out.append(w)
     return out
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt for the shapes model uses words its world never had (it can only guess at them)."""
+
+
+def warn_unknown_words(prompts: list[str]) -> None:
+    """One warning per prompt that has words outside the world's vocabulary, naming them: the model will
+    not draw "a pink star" (no pink, no stars), and the user should know why rather than get a silent guess."""
+    for i, prompt in enumerate(prompts):
+        unknown = unknown_words(prompt)
+        if unknown:
+            warnings.warn(
+                f"prompt {i}: the shapes model has never seen {', '.join(repr(w) for w in unknown)} (its world: "
+                "circles, squares, triangles, diamonds, crosses in six colours on a 3x3 grid); it can only guess",
+                UnknownWordsWarning,
+                stacklevel=2,
+            )
 
 
 # --- length ------------------------------------------------------------------------------------

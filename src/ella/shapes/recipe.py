@@ -4,9 +4,11 @@
 2. **vae** — a small f=4 VAE (64x64x3 -> 16x16x4) on those renders; scaling factor = 1/std of latents;
 3. **cache** — ``ella cache`` the latents with that VAE (the trainer and the base loop read them);
 4. **base** — the UNet conditioned on the weak 20-token encoder, trained and then frozen;
-5. **connectors** — the product's connector trainer (``ella.train.train.main``, what ``ella train`` runs)
-   with MiniLM as the LLM, one run per Table 6 variant: ``tsc``, ``resampler`` (no timestep), ``mlp``;
-6. **eval** — shapes-DPG for the base and every connector (``evaluate.py``).
+5. **connectors** — the product's training step (``ella.train.train.diffusion_loss``) on data held in GPU
+   memory (``connectors.py``), MiniLM as the LLM, ``captions_per_scene`` wordings of every scene, one run
+   per Table 6 variant: ``tsc``, ``resampler`` (no timestep), ``mlp``, each seeing the same number of samples;
+6. **eval** — shapes-DPG for the base and every connector on four kinds of prompt (training-style, held-out
+   wording, terse tags, under-specified) at every object count 1-5 (``evaluate.py``).
 
 A stage whose output exists is skipped, and a missing stage runs only if the stage asked for (``until``)
 needs it, so a run cut off (e.g. by a GPU-time limit) resumes with the same command, and a run whose
@@ -44,13 +46,13 @@ from ..devices import check_device, default_device
 from ..errors import EllaError
 from ..io import atomic_dir, atomic_path
 from ..train.cache import write_cache
-from ..train.config import MAX_SEED, build_config, require_train_extra
+from ..train.config import MAX_SEED, require_train_extra
 from ..train.data import Augment, open_dataset, read_cache_index
-from ..train.train import main as train_connector
 from ..train.train import out_of_time
 from . import gpus
 from . import models as M
 from .captions import caption_for
+from .connectors import ConnectorPlan, FrozenBase, prepare_data, train_connector
 from .evaluate import evaluate, roundtrip_accuracy
 from .gpus import Group, from_main, local_slice
 from .world import render, scene_for
@@ -88,6 +90,11 @@ class Recipe:
     connector_steps: int = 6_000
     connector_batch: int = 1024  # global: split over the processes
     connector_lr: float = 6e-4  # the paper's 1e-4 is for a 67M connector on 34M pairs; this one is small
+    # Wordings per scene the connector learns from (``captions.captions_for``): language, not one template.
+    captions_per_scene: int = 8
+    # Training time of the first variant, in minutes (None: connector_steps); the variants after it train
+    # as many steps as it reached, so every variant sees the same number of samples.
+    connector_minutes: float | None = None
     variants: tuple[str, ...] = VARIANTS
     # torch.compile the UNet in the base loop and the trainer; None: on a GPU yes, on a CPU no (compiling
     # there costs more than it saves on a run this size).
@@ -95,7 +102,7 @@ class Recipe:
     # Unix time at which the base loop and the connector runs stop early, saving what they have (each
     # records its steps in training.json): for a machine lent until a known time. None = run every step.
     stop_at: float | None = None
-    eval_items: int = 200  # held-out scenes, 4 seeds each (the DPG-Bench protocol)
+    eval_items: int = 100  # held-out scenes per object count (1-5) and prompt kind, 4 seeds each (DPG-Bench)
     eval_steps: int = 25
     eval_guidance: float = 5.0
     log_every: int = 100
@@ -115,7 +122,8 @@ class Recipe:
             base_warmup=1,
             connector_steps=2,
             connector_batch=4,
-            eval_items=2,
+            captions_per_scene=2,
+            eval_items=1,
             eval_steps=2,
             log_every=1,
             compile=False,
@@ -186,6 +194,7 @@ INT_RANGES = {
     "base_warmup": (0, None),
     "connector_steps": (1, None),
     "connector_batch": (1, None),
+    "captions_per_scene": (1, 64),
     "eval_items": (1, None),
     "eval_steps": (1, M.SCHEDULER_CONFIG["num_train_timesteps"]),  # DDIM can't take more steps than it has
     "log_every": (1, None),
@@ -195,6 +204,7 @@ FLOAT_RANGES = {
     "vae_lr": (lambda v: v > 0, "> 0"),
     "base_lr": (lambda v: v > 0, "> 0"),
     "connector_lr": (lambda v: v > 0, "> 0"),
+    "connector_minutes": (lambda v: v > 0, "> 0"),
     "base_caption_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "eval_guidance": (lambda v: v >= 0, ">= 0"),
     "stop_at": (lambda v: v > 0, "a Unix time, > 0"),
@@ -396,12 +406,21 @@ def cache_latents(r: Recipe, g: Group, world: Path, vae_path: Path) -> Path:
 
 
 def cached_latents_and_captions(cache: Path) -> tuple[torch.Tensor, list[str]]:
+    return _read_cache(cache, "captions")
+
+
+def cached_latents_and_keys(cache: Path) -> tuple[torch.Tensor, list[str]]:
+    """The latents and their keys (``"<shard>/0000042"`` is ``scene_for(seed, 42)``)."""
+    return _read_cache(cache, "keys")
+
+
+def _read_cache(cache: Path, field: str) -> tuple[torch.Tensor, list[str]]:
     index = read_cache_index(cache)
-    latents, captions = [], []
+    latents, values = [], []
     for shard in index["shards"]:
         latents.append(load_file(cache / f"{shard['name']}.safetensors")["latents"])
-        captions += json.loads((cache / f"{shard['name']}.json").read_text())["captions"]
-    return torch.cat(latents), captions
+        values += json.loads((cache / f"{shard['name']}.json").read_text())[field]
+    return torch.cat(latents), values
 
 
 # ----------------------------------------------------------------------------------- 4. base
@@ -479,56 +498,55 @@ def train_base(r: Recipe, g: Group, cache: Path, vae_path: Path) -> Path:
 
 
 def train_connectors(r: Recipe, g: Group, cache: Path, base: Path) -> dict[str, Path]:
-    """One trainer run per variant not trained yet, in turn, each data-parallel over every process."""
+    """Each variant not trained yet, in turn, data-parallel over every process, on data encoded once for all.
+
+    Every variant sees the same number of samples: with ``connector_minutes`` the first variant trains for
+    that long and the later ones train as many steps as it reached."""
     out = {v: r.root / f"connector-{v}" for v in r.variants}
     todo = from_main(g, [v for v in r.variants if not (out[v] / "ella.safetensors").is_file()])
+    if not todo:
+        return out
+    steps = from_main(g, _steps_of_first(r, out))
+    latents, keys = cached_latents_and_keys(cache)
+    scenes = [int(k.rsplit("/", 1)[-1]) for k in keys]  # "<shard>/0000042" is scene_for(seed, 42)
+    data = prepare_data(r.seed, latents, scenes, r.captions_per_scene, g.device, g.rank, g.world)
+    frozen = FrozenBase.load(base, g.device, compile=bool(r.compile))
     for variant in todo:
-        train_variant(r, g, variant, cache, base)
+        deadline = None
+        if r.connector_minutes and steps is None:
+            deadline = time.monotonic() + 60 * r.connector_minutes
+        if r.stop_at:
+            deadline = min(deadline or math.inf, time.monotonic() + r.stop_at - time.time())
+        plan = ConnectorPlan(
+            variant=variant,
+            steps=steps or r.connector_steps,
+            batch=r.connector_batch,
+            lr=r.connector_lr,
+            seed=r.seed,
+            compile=bool(r.compile),
+            log_every=r.log_every,
+            deadline=deadline,
+        )
+        if g.main:
+            log(
+                f"connector {variant}: {M.param_count(M.new_connector(variant)) / 1e6:.2f}M parameters, "
+                f"{plan.steps} steps x {plan.batch}" + (f" over {g.world} processes" if g.world > 1 else "")
+            )
+        training = train_connector(plan, data, frozen, out[variant], device=g.device, rank=g.rank, world=g.world)
+        if r.connector_minutes and steps is None:
+            steps = training["steps"]  # the later variants: as many samples as this one
     return out
 
 
-def train_variant(r: Recipe, g: Group, variant: str, cache: Path, base: Path) -> Path:
-    """One variant with the product trainer, in this process; under a launcher accelerate finds the
-    recipe's process group and trains data-parallel over it, ``connector_batch`` split over the processes.
-    The architecture comes from ``models.CONNECTOR_CONFIG`` through the initial weights."""
-    run = r.root / f"connector-{variant}"
-    init = r.root / f"init-{variant}.safetensors"
-    if g.main:
-        connector = M.new_connector(variant, seed=r.seed)
-        connector.save_single_file(init)
-        log(
-            f"connector {variant}: {M.param_count(connector) / 1e6:.2f}M parameters"
-            + (f", data-parallel over {g.world} processes" if g.world > 1 else "")
-        )
-    gpus.barrier(g)
-    workers = 0 if r.device == "cpu" else max(2, min(8, cpus_per_process(g) - 1))
-    cfg = build_config(
-        dict(
-            pretrained_model_name_or_path=str(base),
-            llm_name_or_path=str(M.minilm_path()),
-            train_data_dir=str(cache),
-            init_connector=str(init),
-            connector_variant=variant,
-            output_dir=str(run),
-            resolution=M.RESOLUTION,
-            llm_max_length=M.LLM_MAX_LENGTH,
-            train_batch_size=r.connector_batch // g.world,
-            max_train_steps=r.connector_steps,
-            learning_rate=r.connector_lr,
-            checkpointing_steps=max(1, r.connector_steps // 4),
-            checkpoints_total_limit=1,
-            resume_from_checkpoint="latest",
-            dataloader_num_workers=workers,
-            report_to="none" if r.device == "cpu" else "tensorboard",
-            seed=r.seed,
-            logging_steps=r.log_every,
-            torch_compile=r.compile,
-            max_train_minutes=max(0.05, (r.stop_at - time.time()) / 60) if r.stop_at else None,
-        )
-    )
-    train_connector(cfg)
-    gpus.rejoin(g)  # the trainer's accelerator tears the process group down when it ends
-    return run
+def _steps_of_first(r: Recipe, out: dict[str, Path]) -> int | None:
+    """With ``connector_minutes``, the step count of the first variant already trained (the later ones match it)."""
+    if not r.connector_minutes:
+        return None
+    for variant in r.variants:
+        record = out[variant] / "training.json"
+        if record.is_file():
+            return int(json.loads(record.read_text())["steps"])
+    return None
 
 
 # -------------------------------------------------------------------------------- the stages

@@ -390,10 +390,13 @@ def diffusion_loss(
     )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     tokens = connector(features, timesteps, mask)
-    follows_text = mask is not None and getattr(connector, "output_follows_text", False)
+    # The connector's own attributes: DDP (and a compiled DDP, which forwards to it) hide them behind .module;
+    # read through the wrapper, an MLP's mask would silently never reach the UNet in multi-GPU training.
+    inner = getattr(connector, "module", connector)
+    follows_text = mask is not None and getattr(inner, "output_follows_text", False)
     added = None
     if dims.sdxl_style:
-        pool = connector.module.pool if hasattr(connector, "module") else connector.pool
+        pool = inner.pool
         added = {"text_embeds": pool(tokens, mask), "time_ids": time_ids.to(latents.device, tokens.dtype)}
     pred = unet(
         noisy.to(unet.dtype),

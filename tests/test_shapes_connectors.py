@@ -1,0 +1,138 @@
+"""The shapes world's connector stage (data held in memory, the product's loss) and the language evaluation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_refused
+from ella.bench.generate import make_grid
+from ella.shapes import models as M
+from ella.shapes.captions import GroupSpec, Specified, captions_for, prompt_for
+from ella.shapes.connectors import ConnectorPlan, FrozenBase, prepare_data, train_connector
+from ella.shapes.evaluate import seed_diversity, summarise_diversity
+from ella.shapes.language import UnknownWordsWarning, warn_unknown_words
+from ella.shapes.oracle import ShapesOracle
+from ella.shapes.recipe import Recipe, train_connectors
+from ella.shapes.ship import PACKAGED
+from ella.shapes.world import Obj, Scene, render, scene_for
+
+DEVICE = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    latents = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    return prepare_data(0, latents, [10, 11, 12, 13, 14, 15], captions_per_scene=3, device=DEVICE)
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    return FrozenBase.load(PACKAGED, DEVICE, compile=False)  # the shipped base: a real UNet and schedule
+
+
+def test_every_wording_of_every_scene_is_encoded_once_and_scenes_with_more_objects_are_drawn_more(data):
+    assert data.features.shape == (6 * 3, M.LLM_MAX_LENGTH, M.CROSS_ATTENTION_DIM)
+    assert data.features.dtype == torch.bfloat16 and data.masks.shape == (18, M.LLM_MAX_LENGTH)
+    # row i*k + j is caption j of scene i: its mask covers exactly its tokens ([CLS] ... [SEP])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(M.minilm_path()))
+    for i, scene in enumerate([10, 11, 12, 13, 14, 15]):
+        for j, text in enumerate(captions_for(0, scene, 3)):
+            assert int(data.masks[i * 3 + j].sum()) == len(tokenizer(text)["input_ids"])
+    assert int(data.empty_mask.sum()) == 2  # "" is [CLS] [SEP]: the negative prompt at inference
+    objects = [len(scene_for(0, s).objects) for s in [10, 11, 12, 13, 14, 15]]
+    assert data.weights.tolist() == [float(n) for n in objects for _ in range(3)]
+
+
+def test_a_connector_trains_reproducibly_against_the_frozen_base(data, frozen, tmp_path):
+    before = {k: v.clone() for k, v in frozen.unet.state_dict().items()}
+    plan = ConnectorPlan(variant="tsc", steps=3, batch=4, lr=1e-3, log_every=1)
+    first = train_connector(plan, data, frozen, tmp_path / "a", device=DEVICE)
+    again = train_connector(plan, data, frozen, tmp_path / "b", device=DEVICE)
+    assert (first["steps"], first["samples_seen"], first["stopped_by"]) == (3, 12, "steps")
+    a = (tmp_path / "a" / "ella.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "ella.safetensors").read_bytes()  # same seed, same bytes
+    assert again["steps"] == 3
+    assert all(torch.equal(v, before[k]) for k, v in frozen.unet.state_dict().items())  # the base stays frozen
+    fresh = M.new_connector("tsc", seed=0).state_dict()
+    from ella.connector import TimestepAwareSemanticConnector
+
+    trained = TimestepAwareSemanticConnector.from_single_file(tmp_path / "a" / "ella.safetensors").state_dict()
+    assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)  # it learned
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["captions_per_scene"] == 3
+
+
+def test_with_a_time_budget_every_variant_sees_as_many_samples_as_the_first(tmp_path, monkeypatch, data, frozen):
+    import ella.shapes.recipe as recipe
+
+    calls = []
+
+    def fake_train(plan, data_, frozen_, out, **kwargs):
+        calls.append((plan.variant, plan.steps, plan.deadline is not None))
+        reached = 7 if plan.deadline is not None else plan.steps  # the budget stops the first at step 7
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ella.safetensors").write_bytes(b"")
+        (out / "training.json").write_text(json.dumps({"steps": reached}))
+        return {"steps": reached}
+
+    monkeypatch.setattr(recipe, "train_connector", fake_train)
+    monkeypatch.setattr(recipe, "prepare_data", lambda *a, **k: data)
+    monkeypatch.setattr(recipe.FrozenBase, "load", classmethod(lambda cls, *a, **k: frozen))
+    monkeypatch.setattr(recipe, "cached_latents_and_keys", lambda cache: (torch.zeros(1, 4, 16, 16), ["00000/0000001"]))
+    r = Recipe(out=str(tmp_path), device="cpu", compile=False, connector_steps=1000, connector_minutes=0.5)
+    train_connectors(r, recipe.Group(device=DEVICE), tmp_path / "cache", tmp_path / "base")
+    assert calls == [("tsc", 1000, True), ("resampler", 7, False), ("mlp", 7, False)]
+    # a rerun after the first variant finished (another call of a lent machine): the rest still match it
+    (tmp_path / "connector-mlp" / "ella.safetensors").unlink()
+    calls.clear()
+    train_connectors(r, recipe.Group(device=DEVICE), tmp_path / "cache", tmp_path / "base")
+    assert calls == [("mlp", 7, False)]
+
+
+def grid_of(scenes: list[Scene], path: Path) -> Path:
+    make_grid([render(s, size=64) for s in scenes]).save(path)
+    return path
+
+
+def test_seed_diversity_counts_the_choices_made_for_what_a_prompt_left_out(tmp_path):
+    oracle = ShapesOracle()
+    circle = lambda row, col, size="small": Obj("circle", "red", size, row, col)
+    scenes = [
+        Scene("white", (circle(0, 0),)),
+        Scene("black", (circle(1, 1),)),
+        Scene("gray", (circle(2, 2, "large"),)),
+        Scene("white", (circle(0, 0),)),
+    ]
+    nothing_said = Specified(background=False, groups=(GroupSpec("circle", size=False, cells=(False,)),))
+    record = seed_diversity(scenes[0], nothing_said, grid_of(scenes, tmp_path / "a.png"), oracle)
+    assert record == {"background": 3, "size/circle": 2, "position/circle": 3}
+    same = seed_diversity(scenes[0], nothing_said, grid_of([scenes[0]] * 4, tmp_path / "b.png"), oracle)
+    assert same == {"background": 1, "size/circle": 1, "position/circle": 1}
+    summary = summarise_diversity([record, same])
+    assert summary["background"] == {"facts": 2, "mean_distinct": 2.0, "varied_percent": 50.0}
+    assert summary["position"]["mean_distinct"] == 2.0
+    everything = Specified.everything(scenes[0])
+    assert seed_diversity(scenes[0], everything, tmp_path / "a.png", oracle) == {}
+
+
+def test_words_outside_the_world_are_named_in_one_warning_per_prompt():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_unknown_words(["a pink star and a black horse", prompt_for(3, 0, "heldout").text, "a red circle."])
+    messages = [str(w.message) for w in caught if issubclass(w.category, UnknownWordsWarning)]
+    assert len(messages) == 1 and messages[0].startswith("prompt 0: the shapes model has never seen 'pink', 'star'")
+    assert "'horse'" in messages[0]
+
+
+def test_generate_model_shapes_warns_about_unknown_words_and_refuses_another_size(run_cli, tmp_path):
+    with pytest.warns(UnknownWordsWarning, match="prompt 0: the shapes model has never seen 'pink', 'star'"):
+        code, _, _ = run_cli("generate", "a pink star", "--model", "shapes", "--steps", "2", "--out", str(tmp_path))
+    assert code == 0
+    code, _, err = run_cli("generate", "a red circle", "--model", "shapes", "--width", "128", "--out", str(tmp_path))
+    assert_refused(code, err, "64")
