@@ -43,10 +43,10 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
 from ..devices import check_device, default_device
-from ..errors import EllaError
+from ..errors import EllaError, require
 from ..io import atomic_dir, atomic_path
 from ..train.cache import write_cache
-from ..train.config import MAX_SEED, require_train_extra
+from ..train.config import MAX_SEED
 from ..train.data import Augment, open_dataset, read_cache_index
 from ..train.train import out_of_time
 from . import gpus
@@ -602,7 +602,7 @@ def reproduce(r: Recipe, until: str = "eval") -> dict:
     world = gpus.launched_world_size()
     r.check(world)
     check_world(r)
-    require_train_extra()
+    require("webdataset", "train")  # the world's tar shards and their latent cache: all the recipe needs of [train]
     r = r.resolved(world)
     with gpus.join(r.device) as g:
         return _reproduce(r, g, until)
