@@ -110,9 +110,8 @@ def tiny_ella_file(tiny_dir) -> Path:
     return path
 
 
-@pytest.fixture()
-def pipe(tiny_sd, tiny_t5, tiny_ella_file):
-    """A fresh fp32 CPU ELLA pipeline loaded through the same code path as the real models."""
+def tiny_pipeline(tiny_sd, tiny_ella_file, tiny_t5):
+    """An fp32 CPU ELLA pipeline of the tiny models, loaded through the same code path as the real models."""
     import warnings
 
     from ella import load_pipeline
@@ -122,3 +121,9 @@ def pipe(tiny_sd, tiny_t5, tiny_ella_file):
         p = load_pipeline(tiny_sd, tiny_ella_file, tiny_t5, device="cpu", dtype="float32")
     p.set_progress_bar_config(disable=True)
     return p
+
+
+@pytest.fixture()
+def pipe(tiny_sd, tiny_t5, tiny_ella_file):
+    """A fresh :func:`tiny_pipeline` for each test."""
+    return tiny_pipeline(tiny_sd, tiny_ella_file, tiny_t5)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from ella import load_pipeline
+from conftest import tiny_pipeline
 from ella.errors import EllaError
 from ella.pipelines import EllaStableDiffusionImg2ImgPipeline
 
@@ -15,11 +13,7 @@ from ella.pipelines import EllaStableDiffusionImg2ImgPipeline
 @pytest.fixture(scope="module")
 def shared_pipe(tiny_sd, tiny_ella_file, tiny_t5):
     """One pipeline for every case: a refused call must leave nothing behind, so sharing it is part of the test."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = load_pipeline(tiny_sd, tiny_ella_file, tiny_t5, device="cpu", dtype="float32")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return tiny_pipeline(tiny_sd, tiny_ella_file, tiny_t5)
 
 
 def refused(pipe, message: str, *args, **kwargs) -> None:
