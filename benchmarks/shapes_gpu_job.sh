@@ -17,6 +17,11 @@
 #   base (after a call that trained the VAE, whose bundle is in DIR):
 #          run(carry=[".whl"]): FROM_BUNDLE=DIR STOP=520 bash benchmarks/shapes_gpu_job.sh base 575 \
 #              --until base --base-steps 20000
+#   all three connectors and the eval in one detached job spanning back-to-back calls on one warm machine
+#   (what the 2026-11-29 run did on 2 H200s: ~23 minutes; the later calls only watch, with the same arguments
+#   so that a fresh machine would restart it; the eval runs there too, so every row comes back scored):
+#          run(carry=[".whl"]): FROM_BUNDLE=benchmarks/shapes/bundle-base STOP=1500 \
+#              bash benchmarks/shapes_gpu_job.sh v2b 540 --connector-minutes 4.5
 #   one connector per call (a variant alone trains data-parallel over all the GPUs; its bundle = the
 #   restored one + connector-V.safetensors), V in tsc, resampler, mlp:
 #          run(carry=[".whl"]): FROM_BUNDLE=benchmarks/shapes/bundle-base STOP=500 \
