@@ -16,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The nearest parent of ``path`` that exists as a file: no folder can be made there (``out.txt/images``)."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it to ``path`` only if the block succeeds.

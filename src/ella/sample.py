@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .errors import EllaError
-from .io import atomic_path, json_text
+from .io import atomic_path, file_in_the_way, json_text
 
 # The official inference.py: DPM-Solver++ multistep, 50 steps, 512x512, guidance 12, seed 1001.
 # (Its gradio demo used 25 steps and guidance 10; users report lower guidance blurs less.)
@@ -117,7 +117,7 @@ def check_out_dir(out_dir: str | Path, images: int = 0, width: int = 0, height: 
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise EllaError(f"--out {out} is a file; give a folder for the images")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocker = file_in_the_way(out)
     if blocker is not None:
         raise EllaError(f"--out {out} is under {blocker}, which is a file; give a folder for the images")
     try:
@@ -139,10 +139,10 @@ def check_out_dir(out_dir: str | Path, images: int = 0, width: int = 0, height: 
 _NUMBERED = re.compile(r"^(\d+)-")
 
 
-def _names(out_dir: Path, start: int) -> Iterator[int]:
+def _names(out_dir: Path) -> Iterator[int]:
     """Indices for new files: after every ``NNN-`` already in ``out_dir`` (another run's files stay)."""
     taken = [int(m.group(1)) for p in out_dir.iterdir() if (m := _NUMBERED.match(p.name))]
-    yield from range(max(taken, default=-1) + 1 if taken else start, 10**9)
+    yield from range(max(taken, default=-1) + 1, 10**9)
 
 
 def _chunks(jobs: list, size: int) -> Iterator[list]:
@@ -194,7 +194,7 @@ def generate_to_dir(
     jobs = [
         (prompt, settings.seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(settings.num_images))
     ]
-    names = _names(out_dir, 0)
+    names = _names(out_dir)
     written = []
     for chunk in _chunks(jobs, settings.batch_size):
         generators = [torch.Generator(device=device).manual_seed(seed) for _, seed in chunk]

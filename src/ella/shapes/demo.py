@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import EllaError
-from ..io import atomic_path
+from ..io import atomic_path, file_in_the_way
 from ..sample import MAX_SEED
 from . import models as M
 from .captions import prompt_for
@@ -52,7 +52,7 @@ def check_demo_args(out: str | Path, *, items: int, seed: int, steps: int, guida
     out = Path(out).expanduser()
     if out.is_dir():
         raise EllaError(f"--out {out} is a directory; give the PNG file to write (e.g. {out / 'ella-demo.png'})")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocker = file_in_the_way(out)
     if blocker is not None:
         raise EllaError(f"--out {out} is under {blocker}, which is a file; give a PNG path in a directory")
     folder = next(p for p in out.parents if p.exists())

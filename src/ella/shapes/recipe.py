@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from ..devices import check_device, default_device
 from ..errors import EllaError, require
-from ..io import atomic_dir, atomic_path
+from ..io import atomic_dir, atomic_path, file_in_the_way
 from ..train.cache import write_cache
 from ..train.config import MAX_SEED
 from ..train.data import Augment, open_dataset, read_cache_index
@@ -215,7 +215,7 @@ def check_run_dir(out: Path) -> None:
     """The run directory must be a directory we can create: not a file, not under one."""
     if out.exists() and not out.is_dir():
         raise EllaError(f"--out {out} is a file; give a directory for the run")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocker = file_in_the_way(out)
     if blocker is not None:
         raise EllaError(f"--out {out} is under {blocker}, which is a file; give a directory for the run")
     if out.exists() and not os.access(out, os.W_OK | os.X_OK):
