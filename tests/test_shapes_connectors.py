@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from conftest import assert_refused
 from ella.bench.generate import make_grid
+from ella.errors import EllaError
 from ella.shapes import models as M
 from ella.shapes.captions import GroupSpec, Specified, captions_for, prompt_for
 from ella.shapes.connectors import ConnectorPlan, FrozenBase, prepare_data, train_connector
@@ -66,6 +68,44 @@ def test_a_connector_trains_reproducibly_against_the_frozen_base(data, frozen, t
     trained = TimestepAwareSemanticConnector.from_single_file(tmp_path / "a" / "ella.safetensors").state_dict()
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)  # it learned
     assert json.loads((tmp_path / "a" / "training.json").read_text())["captions_per_scene"] == 3
+
+
+def test_continuing_from_a_run_starts_from_its_weights_and_counts_every_sample(data, frozen, tmp_path):
+    from ella.connector import TimestepAwareSemanticConnector
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return TimestepAwareSemanticConnector.from_single_file(path / "ella.safetensors").state_dict()
+
+    plan = ConnectorPlan(variant="tsc", steps=2, batch=4, lr=1e-3)
+    train_connector(plan, data, frozen, tmp_path / "first" / "connector-tsc", device=DEVICE)
+    r = Recipe(out=str(tmp_path / "second"), connector_init=str(tmp_path / "first"), variants=("tsc",))
+    r.check()
+    import ella.shapes.recipe as recipe
+
+    continued = ConnectorPlan(variant="tsc", steps=1, batch=4, lr=1e-12, **recipe._continued(r, "tsc"))
+    record = train_connector(continued, data, frozen, tmp_path / "second" / "connector-tsc", device=DEVICE)
+    assert record["continued_from"]["samples_seen"] == 8 and record["samples_total"] == 8 + 4
+    first, second = weights(tmp_path / "first" / "connector-tsc"), weights(tmp_path / "second" / "connector-tsc")
+    fresh = M.new_connector("tsc", seed=0).state_dict()
+    # lr 1e-12: the continued run ends where the first left off, not at a fresh initialisation
+    assert all(torch.allclose(second[k], first[k], atol=1e-6) for k in first)
+    assert any(not torch.allclose(second[k], fresh[k], atol=1e-3) for k in fresh)
+    # a variant without weights there is refused before any work, naming the missing file
+    with pytest.raises(EllaError, match=r"--connector-init .*connector-mlp/ella\.safetensors"):
+        replace(r, variants=("tsc", "mlp")).check()
+
+
+def test_feature_noise_changes_the_training_but_stays_seeded(data, frozen, tmp_path):
+    assert data.features_rms == pytest.approx(data.features.float().pow(2).mean().sqrt().item(), rel=1e-4)
+    paths = {}
+    for name, noise in (("plain", 0.0), ("noisy", 0.5), ("noisy-again", 0.5)):
+        plan = ConnectorPlan(variant="tsc", steps=2, batch=4, lr=1e-3, feature_noise=noise, warmup=1)
+        record = train_connector(plan, data, frozen, tmp_path / name, device=DEVICE)
+        assert record.get("feature_noise", 0.0) == noise
+        paths[name] = (tmp_path / name / "ella.safetensors").read_bytes()
+    assert paths["noisy"] == paths["noisy-again"] and paths["noisy"] != paths["plain"]
+    with pytest.raises(EllaError, match=r"--feature-noise must be in \[0, 10\]"):
+        Recipe(out=str(tmp_path / "r"), feature_noise=-1.0).check()
 
 
 def test_with_a_time_budget_every_variant_sees_as_many_samples_as_the_first(tmp_path, monkeypatch, data, frozen):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModel, AutoTokenizer
 
@@ -55,6 +56,10 @@ class ConnectorPlan:
     compile: bool = False
     log_every: int = 100
     deadline: float | None = None  # time.monotonic() at which to stop early (weights saved, steps recorded)
+    warmup: int = 0  # linear learning-rate warm-up steps
+    feature_noise: float = 0.0  # Gaussian noise on the LLM features, in units of their RMS
+    init: Path | None = None  # connector weights to continue from (a single safetensors file)
+    init_record: dict | None = None  # what ``init`` was trained on: carried into training.json
 
 
 def log(msg: str) -> None:
@@ -98,6 +103,7 @@ class ConnectorData:
     weights: torch.Tensor  # [scenes * k]: how often each caption is drawn (the scene's object count)
     captions_per_scene: int
     setup_seconds: float
+    features_rms: float = 1.0  # over every caption token, pads included: the scale of ``feature_noise``
 
 
 def prepare_data(
@@ -139,7 +145,20 @@ def prepare_data(
         weights=objects.repeat_interleave(k).to(device),
         captions_per_scene=k,
         setup_seconds=round(seconds, 1),
+        features_rms=_rms(features[:-1], world),
     )
+
+
+def _rms(features: torch.Tensor, world: int, chunk: int = 8192) -> float:
+    """Root mean square of every element over every process's share, in chunks (a float32 copy of 37 GiB of
+    bf16 would not fit): one scale for all processes, as if one process held every caption."""
+    total = torch.zeros(2, dtype=torch.float64, device=features.device)
+    for i in range(0, len(features), chunk):
+        total[0] += features[i : i + chunk].float().pow(2).sum().double()
+    total[1] = features.numel()
+    if world > 1:
+        dist.all_reduce(total)
+    return math.sqrt(total[0].item() / max(total[1].item(), 1))
 
 
 def _captions_of(job: tuple[int, list[int], int]) -> tuple[list[str], list[int]]:
@@ -186,7 +205,10 @@ def train_connector(
     """Train ``plan.variant`` against the frozen base; write ``out/ella.safetensors`` + ``training.json``."""
     if plan.batch % world:
         raise EllaError(f"connector batch {plan.batch} must divide evenly over {world} processes")
-    connector = M.new_connector(plan.variant, seed=plan.seed).to(device).train()
+    connector = M.new_connector(plan.variant, seed=plan.seed)
+    if plan.init is not None:
+        connector.load_state_dict({k: v.float() for k, v in load_file(plan.init).items()})
+    connector = connector.to(device).train()
     model = (
         DistributedDataParallel(connector, device_ids=[device.index] if device.type == "cuda" else None)
         if world > 1
@@ -195,12 +217,19 @@ def train_connector(
     if plan.compile:
         model = torch.compile(model, dynamic=False)
     opt = torch.optim.AdamW(connector.parameters(), lr=plan.lr, weight_decay=0.01, fused=device.type == "cuda")
+    # Adam starts with no moments, so a connector that is already trained needs the warm-up as much as a new one.
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (plan.warmup + 1)))
+    noise_scale = plan.feature_noise * data.features_rms
     gen = torch.Generator(device).manual_seed(plan.seed * 1_000_003 + rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     per_process = plan.batch // world
     k = data.captions_per_scene
     use_mask = connector.output_follows_text  # the MLP's tokens follow the text: its pads are masked
     training = {"steps": 0, "max_train_steps": plan.steps, "batch": plan.batch, "stopped_by": "steps"}
+    if plan.feature_noise:
+        training["feature_noise"] = plan.feature_noise
+    if plan.init is not None:
+        training["continued_from"] = plan.init_record or {"file": str(plan.init)}
     t_loop = time.perf_counter()
     for step in range(1, plan.steps + 1):
         if step % 25 == 0 and out_of_time(plan.deadline):  # every 25 steps: the check syncs the processes
@@ -208,7 +237,12 @@ def train_connector(
             break
         idx = torch.multinomial(data.weights, per_process, replacement=True, generator=gen)
         drop = torch.rand(per_process, generator=gen, device=device) < plan.caption_dropout
-        feats = torch.where(drop[:, None, None], data.empty_features, data.features[idx])
+        feats = data.features[idx]
+        if noise_scale:
+            # Noise on the features, not the words: the connector can't lean on one exact feature vector per
+            # training word, so an unseen word whose features lie near a known one ("high" ~ "top") reads alike.
+            feats = feats + noise_scale * torch.randn(feats.shape, generator=gen, device=device, dtype=feats.dtype)
+        feats = torch.where(drop[:, None, None], data.empty_features, feats)
         mask = torch.where(drop[:, None], data.empty_mask, data.masks[idx])
         with autocast:
             loss = diffusion_loss(
@@ -225,6 +259,7 @@ def train_connector(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(connector.parameters(), 1.0)
         opt.step()
+        schedule.step()
         training["steps"] = step
         if step % plan.log_every == 0 or step == plan.steps:
             value = loss.item()
@@ -237,8 +272,10 @@ def train_connector(
                 rate = step * plan.batch / (time.perf_counter() - t_loop)
                 log(f"connector {plan.variant} step {step}/{plan.steps} loss {value:.4f} ({rate:.0f} samples/s)")
     seconds = time.perf_counter() - t_loop
+    earlier = (plan.init_record or {}).get("samples_total", (plan.init_record or {}).get("samples_seen", 0))
     training.update(
         samples_seen=training["steps"] * plan.batch,
+        samples_total=earlier + training["steps"] * plan.batch,
         captions_per_scene=k,
         setup_seconds=data.setup_seconds,
         train_seconds=round(seconds, 1),

@@ -95,6 +95,12 @@ class Recipe:
     # Training time of the first variant, in minutes (None: connector_steps); the variants after it train
     # as many steps as it reached, so every variant sees the same number of samples.
     connector_minutes: float | None = None
+    # Continue from an earlier run's connectors (a run directory: connector-<variant>/ella.safetensors for
+    # every variant) rather than from scratch: a training longer than one lent GPU session is several runs.
+    connector_init: str | None = None
+    connector_warmup: int = 0  # linear learning-rate warm-up steps (Adam's moments start empty either way)
+    # Gaussian noise added to the LLM features during connector training, in units of their RMS (0 = none).
+    feature_noise: float = 0.0
     variants: tuple[str, ...] = VARIANTS
     # torch.compile the UNet in the base loop and the trainer; None: on a GPU yes, on a CPU no (compiling
     # there costs more than it saves on a run this size).
@@ -160,6 +166,13 @@ class Recipe:
             raise EllaError(f"unknown connector variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
         if len(set(self.variants)) != len(self.variants):
             raise EllaError(f"--variants names a variant twice: {' '.join(self.variants)}")
+        if self.connector_init is not None:
+            missing = [str(p) for p in self.connector_inits().values() if not p.is_file()]
+            if missing:
+                raise EllaError(
+                    f"--connector-init {self.connector_init}: no connector weights at {', '.join(missing)} "
+                    "(expected a run directory with connector-<variant>/ella.safetensors for every --variants)"
+                )
         if self.compile is not None and not isinstance(self.compile, bool):
             raise EllaError(f"--compile must be true or false; got {self.compile!r}")
         if not isinstance(self.device, str) or not self.device:
@@ -181,6 +194,12 @@ class Recipe:
     def root(self) -> Path:
         return Path(self.out)
 
+    def connector_inits(self) -> dict[str, Path]:
+        """The weights each variant continues from ({} without ``connector_init``)."""
+        if self.connector_init is None:
+            return {}
+        return {v: Path(self.connector_init) / f"connector-{v}" / "ella.safetensors" for v in self.variants}
+
 
 #: Integer fields: (smallest, largest or None) value each can take.
 INT_RANGES = {
@@ -195,6 +214,7 @@ INT_RANGES = {
     "connector_steps": (1, None),
     "connector_batch": (1, None),
     "captions_per_scene": (1, 64),
+    "connector_warmup": (0, None),
     "eval_items": (1, None),
     "eval_steps": (1, M.SCHEDULER_CONFIG["num_train_timesteps"]),  # DDIM can't take more steps than it has
     "log_every": (1, None),
@@ -205,6 +225,7 @@ FLOAT_RANGES = {
     "base_lr": (lambda v: v > 0, "> 0"),
     "connector_lr": (lambda v: v > 0, "> 0"),
     "connector_minutes": (lambda v: v > 0, "> 0"),
+    "feature_noise": (lambda v: 0 <= v <= 10, "in [0, 10]"),
     "base_caption_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "eval_guidance": (lambda v: v >= 0, ">= 0"),
     "stop_at": (lambda v: v > 0, "a Unix time, > 0"),
@@ -526,6 +547,9 @@ def train_connectors(r: Recipe, g: Group, cache: Path, base: Path) -> dict[str, 
             compile=bool(r.compile),
             log_every=r.log_every,
             deadline=deadline,
+            warmup=r.connector_warmup,
+            feature_noise=r.feature_noise,
+            **_continued(r, variant),
         )
         if g.main:
             log(
@@ -536,6 +560,17 @@ def train_connectors(r: Recipe, g: Group, cache: Path, base: Path) -> dict[str, 
         if r.connector_minutes and steps is None:
             steps = training["steps"]  # the later variants: as many samples as this one
     return out
+
+
+def _continued(r: Recipe, variant: str) -> dict:
+    """``init`` and ``init_record`` of the plan: the earlier weights, and what they were trained on."""
+    init = r.connector_inits().get(variant)
+    if init is None:
+        return {}
+    record = init.parent / "training.json"
+    earlier = json.loads(record.read_text()) if record.is_file() else {}
+    keep = ("steps", "batch", "samples_seen", "samples_total", "feature_noise", "continued_from")
+    return {"init": init, "init_record": {"file": str(init), **{k: earlier[k] for k in keep if k in earlier}}}
 
 
 def _steps_of_first(r: Recipe, out: dict[str, Path]) -> int | None:
