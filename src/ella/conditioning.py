@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .devices import compute_device
 from .errors import EllaError
 from .text import TextFeatures
 
@@ -100,7 +101,7 @@ class ConditionTable:
             n = len(chunk)
             # Read before every call: under enable_model_cpu_offload the connector sits on the CPU until its
             # first call moves it (and that call's inputs) to the accelerator; later calls move no inputs.
-            device = next(self.connector.parameters()).device
+            device = compute_device(self.connector)
             t = torch.tensor(chunk, device=device).repeat_interleave(self.rows)
             mask = None if self.mask is None else self.mask.to(device).repeat(n, 1)
             out = self.connector(self.states.to(device).repeat(n, 1, 1), t, attention_mask=mask)

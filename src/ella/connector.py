@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .devices import compute_device
 from .errors import EllaError
 from .hub import resolve_file
 from .io import atomic_path
@@ -268,7 +269,7 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
 
     def embed_timesteps(self, timesteps: TimestepsLike, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """Timesteps (0-d, [B], int, float or list) -> T of shape [batch, time_embed_dim]."""
-        t = torch.as_tensor(timesteps, device=self.device).reshape(-1)
+        t = torch.as_tensor(timesteps, device=compute_device(self)).reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
         elif t.numel() != batch:

@@ -52,3 +52,17 @@ def check_device(device: str | None) -> str:
     elif parsed.type not in ("cpu", "cuda", "mps"):
         raise EllaError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
     return str(device)
+
+
+def compute_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its parameters' device, or, under accelerate's offload hooks, their execution device.
+
+    With ``enable_sequential_cpu_offload`` the weights wait on the CPU or as ``meta`` tensors and are moved in
+    only for the forward, so a module's parameters no longer say where its inputs must go.
+    """
+    if hasattr(module, "_hf_hook"):
+        for m in module.modules():
+            device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return next(module.parameters()).device

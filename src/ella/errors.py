@@ -29,6 +29,7 @@ class MissingExtraError(EllaError):
 EXTRAS = {
     "train": "training (`ella train`, `ella cache`, `ella shapes reproduce`)",
     "bench": "benchmark reports (`ella bench dpg score`)",
+    "quant": "a quantised LLM (`--llm-quantization`)",
 }
 
 

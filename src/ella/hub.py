@@ -32,12 +32,15 @@ FETCH_COMMANDS = {
     '--exclude "*.fp16.*"',
     "ELLA connector weights": "hf download {id}",
     "LLM": 'hf download {id} --exclude "*.bin" --exclude "*.h5" --exclude "*.msgpack"',
+    # the tokenizer alone (a single-file LLM's): JSON files and the sentencepiece model, no weights
+    "LLM tokenizer": 'hf download {id} --include "*.json" --include "*.model"',
     "VQA model": 'hf download {id} --exclude "*.bin" --exclude "*.h5"',
 }
 FLAGS = {
     "base model": "--base DIR",
     "ELLA connector weights": "--ella DIR",
     "LLM": "--llm DIR",
+    "LLM tokenizer": "--llm-tokenizer DIR",
     "VQA model": "--vqa blip:DIR (or vlm:DIR)",
 }
 

@@ -29,7 +29,7 @@ from .hub import (
 )
 from .pipelines import PIPELINE_KINDS, PIPELINE_KINDS_XL, check_mode
 from .schedulers import make_scheduler
-from .text import check_hidden_layer, load_llm
+from .text import check_hidden_layer, check_quantization, is_single_file, load_llm
 
 
 def load_connector(ella: str | os.PathLike = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}", torch_dtype=None):
@@ -83,6 +83,8 @@ def load_pipeline(
     kind: str = "txt2img",
     mode: str = "ella",
     controlnet: str | os.PathLike | None = None,
+    llm_quantization: str | None = None,
+    llm_tokenizer: str | os.PathLike | None = None,
 ):
     """Assemble an ELLA pipeline (:class:`~ella.pipelines.EllaStableDiffusionPipeline` by default) from three
     independent sources.
@@ -91,8 +93,10 @@ def load_pipeline(
     (whose component configs come from ``base_config``: a diffusers directory or hub id, by default
     the repo diffusers infers from the file, e.g. SD 1.5 for SD 1.x);
     ``ella`` an official single file, ``save_pretrained`` directory or hub id; ``llm`` any HF
-    encoder or decoder-only LM. The default scheduler is DPM-Solver++ multistep, as in the
-    official ``inference.py``.
+    encoder or decoder-only LM, or a single ``.safetensors`` of T5 encoder weights (its tokenizer from
+    ``llm_tokenizer``, flan-t5-xl's by default). ``llm_quantization`` (``int8``, ``fp8``, ``nf4``)
+    quantises the LLM's weights as they load (see :func:`ella.text.load_llm`). The default scheduler is
+    DPM-Solver++ multistep, as in the official ``inference.py``.
 
     A connector with a pooling head (trained for an SDXL-style UNet) gives the SDXL pipelines.
     ``kind``: ``txt2img``, ``img2img``, ``inpaint``, ``controlnet`` or ``controlnet-img2img`` (with
@@ -108,12 +112,16 @@ def load_pipeline(
 
     device = check_device(device)
     dtype = resolve_dtype(dtype, device)
+    check_quantization(llm_quantization, device)
+    # a single-file LLM brings no tokenizer: flan-t5-xl's unless another is named
+    tokenizer = str(llm_tokenizer) if llm_tokenizer else (DEFAULT_LLM if is_single_file(llm) else None)
     check_offline(
         [
             ("ELLA connector weights", ella_ident(ella), DEFAULT_ELLA_FILE),
             ("LLM", str(llm), "config.json"),
             ("base model", str(base), "model_index.json"),
         ]
+        + ([("LLM tokenizer", tokenizer, "tokenizer_config.json")] if tokenizer else [])
         + ([("ControlNet", str(controlnet), "config.json")] if controlnet else [])
     )
     if str(base).endswith(SINGLE_FILE_SUFFIXES):  # a missing config fails now, not after loading the LLM
@@ -122,7 +130,9 @@ def load_pipeline(
     # The release ran T5 in fp16 on GPU and was trained on those features; CPU falls back to fp32.
     llm_dtype = resolve_dtype(llm_dtype, device)
     connector = load_connector(ella, torch_dtype=dtype)
-    llm_model, llm_tokenizer = load_llm(llm, dtype=llm_dtype)
+    llm_model, llm_tokenizer = load_llm(
+        llm, dtype=llm_dtype, device=device, quantization=llm_quantization, tokenizer=llm_tokenizer
+    )
     common = dict(
         connector=connector,
         llm=llm_model,

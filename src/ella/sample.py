@@ -213,6 +213,8 @@ def generate_to_dir(
                 "llm_flexible": pipe.config.llm_flexible,
                 "llm_hidden_layer": pipe.config.llm_hidden_layer,
                 "device": str(device),
+                "fast": bool(getattr(pipe, "_ella_fast", False)),  # enable_fast_inference: same up to fp16 rounding
+                "cpu_offload": bool(getattr(pipe, "_all_hooks", None)),  # enable_low_vram / diffusers' offload
                 "inputs": {name: str(path) for name, (_, path) in (inputs or {}).items()},
                 "models": sources,
                 "versions": versions(),

@@ -85,12 +85,16 @@ def generate(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             flexible=args.flexible,
             hidden_layer=args.llm_layer,
+            llm_quantization=args.llm_quantization,
+            llm_tokenizer=args.llm_tokenizer,
         )
         models = {
             "pipeline": "ella",
             "base": str(args.base),
             "ella": str(args.ella),
             "llm": str(args.llm),
+            "llm_tokenizer": args.llm_tokenizer,
+            "llm_quantization": args.llm_quantization,
             "llm_max_length": args.max_length,
             "llm_flexible": args.flexible,
             "llm_layer": args.llm_layer,

@@ -22,7 +22,11 @@ from diffusers import DiffusionPipeline
 from ..conditioning import ClipPart, ConditionFeed, ConditionTable, placeholder_embeds
 from ..errors import EllaError, InvalidArgumentError
 from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, encode_text, strip_prompt_weights
+from .fast import enable_fast_inference
+from .memory import enable_low_vram
 
+#: Distinct negative prompts whose LLM features a fast pipeline keeps (one is the common case: "").
+MAX_CACHED_NEGATIVES = 8
 # bf16 holds integers exactly only up to 256: the placeholder row ids must survive the loop's dtype.
 _MAX_ROWS = {torch.bfloat16: 256, torch.float16: 2048}
 
@@ -53,6 +57,9 @@ class EllaMixin:
     """
 
     _ella_table: ConditionTable | None = None
+    _ella_fast = False  # set by enable_fast_inference
+    _ella_feature_cache: ClassVar[dict] = {}  # replaced per pipeline on first use (see _encode_rows)
+    _ella_feature_key: tuple | None = None
     _ella_options: ClassVar[dict] = {}  # per call; __call__ sets and clears it
     _warned_feature_dtype = False
 
@@ -184,7 +191,7 @@ class EllaMixin:
             )
         self._ella_table = ConditionTable(
             self.connector,
-            self.encode_text(clean),
+            self._encode_rows(clean, {strip_prompt_weights(t) for t in texts[len(prompts) :]}),
             timesteps=lambda: self.scheduler.timesteps,
             clip=self._clip_part(clean, device, lora_scale, clip_skip),
             pooled=self._pooled_from_connector(),
@@ -196,6 +203,50 @@ class EllaMixin:
             return placeholder_embeds(rows, device).to(dtype)
 
         return embeds(prompts), (embeds(negatives) if do_classifier_free_guidance else None)
+
+    def _encode_rows(self, texts: list[str], negatives: set[str]) -> TextFeatures:
+        """LLM features of the table's rows; in fast mode those of negative prompts come from a cache.
+
+        The negative prompt is nearly always the same (``""`` unless the user sets one), so after the first
+        call its encode is pure waste. Cached only under :meth:`enable_fast_inference` (batching it apart
+        from the positives changes fp16 rounding, which the default mode promises not to do) and only at
+        a fixed length (every row then has the same shape). The cache is dropped when the LLM, its dtype
+        or device, or the length policy change.
+        """
+        if not getattr(self, "_ella_fast", False) or self.config.llm_flexible or not negatives:
+            return self.encode_text(texts)
+        key = (id(self.llm), self.llm.dtype, self.llm.device, self.config.llm_max_length, self.config.llm_hidden_layer)
+        if self._ella_feature_key != key:
+            self._ella_feature_cache, self._ella_feature_key = {}, key
+        cache = self._ella_feature_cache
+        todo = [t for t in texts if t not in cache]
+        if todo:
+            fresh = self.encode_text(todo).hidden_states
+            rows = dict(zip(todo, fresh.split(1)))
+            for text in todo:
+                if text in negatives and len(cache) < MAX_CACHED_NEGATIVES:
+                    cache[text] = rows[text]
+        else:
+            rows = {}
+        return TextFeatures(torch.cat([rows[t] if t in rows else cache[t] for t in texts]))
+
+    def enable_fast_inference(self, **options) -> None:
+        """Compile and fuse for speed (see :func:`ella.pipelines.fast.enable_fast_inference` for ``options``)."""
+        if getattr(self, "_all_hooks", None):
+            raise EllaError(
+                "enable_fast_inference after an offload (enable_low_vram / enable_model_cpu_offload): CUDA graphs "
+                "hold fixed weight addresses and offloading moves the weights every call; use one or the other"
+            )
+        enable_fast_inference(self, **options)
+
+    def enable_low_vram(self, *, llm_device=None, device=None, vae_tiling=None) -> None:
+        """Only the running model on the accelerator (see :func:`ella.pipelines.memory.enable_low_vram`)."""
+        if self._ella_fast:
+            raise EllaError(
+                "enable_low_vram after enable_fast_inference: CUDA graphs hold fixed weight addresses and "
+                "offloading moves the weights every call; use one or the other"
+            )
+        enable_low_vram(self, llm_device=llm_device, device=device, vae_tiling=vae_tiling)
 
     def _clip_part(self, texts: list[str], device, lora_scale, clip_skip) -> ClipPart | None:
         """In ``ella+clip`` mode, the base's CLIP embeddings of ``texts`` (textual inversions and LoRA included)."""

@@ -14,6 +14,10 @@ passing the extra parts::
 
 ``save_pretrained`` writes all of it (``model_index.json`` names ``ella`` as the connector's
 library), and ``from_pretrained`` of that directory restores it.
+
+:class:`~ella.pipelines.memory.EllaOffloadMixin` makes diffusers' CPU offload (``enable_model_cpu_offload``,
+``enable_sequential_cpu_offload``) move the LLM and the connector too; see
+:func:`ella.pipelines.memory.enable_low_vram`.
 """
 
 from __future__ import annotations
@@ -27,25 +31,28 @@ from diffusers import (
 )
 
 from .base import EllaMixin
+from .memory import EllaOffloadMixin
 
 
-class EllaStableDiffusionPipeline(EllaMixin, StableDiffusionPipeline):
+class EllaStableDiffusionPipeline(EllaMixin, EllaOffloadMixin, StableDiffusionPipeline):
     """Text-to-image: ``StableDiffusionPipeline`` whose text condition comes from an LLM through an ELLA connector."""
 
 
-class EllaStableDiffusionImg2ImgPipeline(EllaMixin, StableDiffusionImg2ImgPipeline):
+class EllaStableDiffusionImg2ImgPipeline(EllaMixin, EllaOffloadMixin, StableDiffusionImg2ImgPipeline):
     """Image-to-image (``image``, ``strength``): the loop starts part-way down the schedule, and every step still
     gets its own timestep's condition."""
 
 
-class EllaStableDiffusionInpaintPipeline(EllaMixin, StableDiffusionInpaintPipeline):
+class EllaStableDiffusionInpaintPipeline(EllaMixin, EllaOffloadMixin, StableDiffusionInpaintPipeline):
     """Inpainting (``image``, ``mask_image``, ``strength``), with 9-channel inpainting UNets or plain 4-channel ones."""
 
 
-class EllaStableDiffusionControlNetPipeline(EllaMixin, StableDiffusionControlNetPipeline):
+class EllaStableDiffusionControlNetPipeline(EllaMixin, EllaOffloadMixin, StableDiffusionControlNetPipeline):
     """ControlNet (``image`` = the control image; one ControlNet or a list): the ControlNet receives the same
     per-timestep ELLA condition as the UNet (the official wrapper handed it raw T5 features)."""
 
 
-class EllaStableDiffusionControlNetImg2ImgPipeline(EllaMixin, StableDiffusionControlNetImg2ImgPipeline):
+class EllaStableDiffusionControlNetImg2ImgPipeline(
+    EllaMixin, EllaOffloadMixin, StableDiffusionControlNetImg2ImgPipeline
+):
     """ControlNet + image-to-image (``image``, ``control_image``, ``strength``)."""

@@ -26,6 +26,7 @@ from diffusers import (
 from ..conditioning import placeholder_rows
 from ..errors import EllaError
 from .base import EllaMixin
+from .memory import EllaOffloadMixin
 
 
 class EllaXLMixin(EllaMixin):
@@ -104,17 +105,17 @@ class EllaXLMixin(EllaMixin):
         return self._clip_pooled[placeholder_rows(placeholder)].to(placeholder.dtype)
 
 
-class EllaStableDiffusionXLPipeline(EllaXLMixin, StableDiffusionXLPipeline):
+class EllaStableDiffusionXLPipeline(EllaXLMixin, EllaOffloadMixin, StableDiffusionXLPipeline):
     """SDXL text-to-image with an ELLA connector (tokens + pooled head, per timestep)."""
 
 
-class EllaStableDiffusionXLImg2ImgPipeline(EllaXLMixin, StableDiffusionXLImg2ImgPipeline):
+class EllaStableDiffusionXLImg2ImgPipeline(EllaXLMixin, EllaOffloadMixin, StableDiffusionXLImg2ImgPipeline):
     """SDXL image-to-image (``image``, ``strength``) with an ELLA connector."""
 
 
-class EllaStableDiffusionXLInpaintPipeline(EllaXLMixin, StableDiffusionXLInpaintPipeline):
+class EllaStableDiffusionXLInpaintPipeline(EllaXLMixin, EllaOffloadMixin, StableDiffusionXLInpaintPipeline):
     """SDXL inpainting (``image``, ``mask_image``) with an ELLA connector."""
 
 
-class EllaStableDiffusionXLControlNetPipeline(EllaXLMixin, StableDiffusionXLControlNetPipeline):
+class EllaStableDiffusionXLControlNetPipeline(EllaXLMixin, EllaOffloadMixin, StableDiffusionXLControlNetPipeline):
     """SDXL + ControlNet: the ControlNet gets the same per-timestep tokens and pooled embedding as the UNet."""

@@ -39,10 +39,15 @@ PRODUCT_ONLY = {
     "ella": "--ella",
     "llm": "--llm",
     "llm_layer": "--llm-layer",
+    "llm_tokenizer": "--llm-tokenizer",
+    "llm_quantization": "--llm-quantization",
     "scheduler": "--scheduler",
     "dtype": "--dtype",
     "max_length": "--max-length",
     "flexible": "--flexible",
+    "fast": "--fast",  # compiling costs a minute; the shapes model draws an image in ~1.5 s on a CPU
+    "low_vram": "--low-vram",  # 28 MB of weights: nothing to save
+    "llm_device": "--llm-device",
 }
 
 
