@@ -35,6 +35,25 @@ def tiny_connector(seed: int = 0, **overrides) -> TimestepAwareSemanticConnector
     return model.eval()
 
 
+def plain_of(pipe):
+    """The pipeline's VAE, UNet and scheduler in diffusers' own ``StableDiffusionPipeline``, with no text encoder
+    (its callers pass ``prompt_embeds``): the reference that ELLA's pipelines are compared with."""
+    from diffusers import StableDiffusionPipeline
+
+    plain = StableDiffusionPipeline(
+        vae=pipe.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    plain.set_progress_bar_config(disable=True)
+    return plain
+
+
 def rebuild(pipe, cls, clip_dir=None, **extra):
     """The fixture's parts as another pipeline kind (optionally with the base's CLIP for ella+clip)."""
     text_encoder = tokenizer = None

@@ -13,10 +13,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from torch import nn
 
-from conftest import T5_DIM, assert_refused, tiny_connector, tiny_pipeline
+from conftest import T5_DIM, assert_refused, plain_of, tiny_connector, tiny_pipeline
 from ella.errors import EllaError
 from ella.pipelines import PIPELINE_KINDS, PIPELINE_KINDS_XL
 from ella.pipelines.memory import enable_low_vram
@@ -212,16 +211,7 @@ def test_bad_input_is_refused_in_one_line_before_anything_moves(sd, kwargs, mess
     pipe, _ = sd
     kwargs, target = dict(kwargs), pipe
     if kwargs.pop("plain", False):  # the same parts, in diffusers' own pipeline
-        target = StableDiffusionPipeline(
-            vae=pipe.vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=pipe.unet,
-            scheduler=pipe.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        target = plain_of(pipe)
     with pytest.raises(EllaError) as err:
         enable_low_vram(target, **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)

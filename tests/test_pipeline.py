@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+from conftest import plain_of
 from ella import EllaStableDiffusionPipeline
 from ella.errors import EllaError
 from ella.schedulers import make_scheduler
@@ -46,17 +47,7 @@ class OfficialProxyUNet(torch.nn.Module):
 
 
 def official_pipe(pipe, lengths=None) -> StableDiffusionPipeline:
-    official = StableDiffusionPipeline(
-        vae=pipe.vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=pipe.unet,
-        scheduler=pipe.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    official.set_progress_bar_config(disable=True)
+    official = plain_of(pipe)
     official.unet = OfficialProxyUNet(pipe.connector, pipe.unet, lengths)
     return official
 
