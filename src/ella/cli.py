@@ -102,14 +102,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     speed.add_argument(
         "--fast",
         action="store_true",
-        help="compile the UNet, VAE decoder and LLM with CUDA graphs and fused QKV (first image: a minute of "
-        "compiling, cached for later runs; images equal up to fp16 rounding)",
+        help="compile the UNet, VAE decoder and LLM with CUDA graphs and fused QKV (the first image waits for "
+        "the compile, cached for later runs; images equal up to fp16 rounding)",
     )
     speed.add_argument(
         "--low-vram",
         action="store_true",
         help="keep only the running model on the GPU (LLM, connector, UNet, VAE take turns; VAE sliced, and "
-        "tiled above its native size): ~2.5 GB instead of ~5 GB for SD1.5 + Flan-T5-XL",
+        "tiled above its native size); same images, one weight transfer per model per call",
     )
     speed.add_argument(
         "--llm-device", default=None, metavar="DEVICE", help="with --low-vram: 'cpu' keeps the LLM on the CPU"

@@ -5,8 +5,8 @@ weights. The LLM runs once per prompt, before the loop; the connector runs once 
 in one batch, at the first UNet call); then the UNet runs every step; then the VAE once. Keeping all of
 them on the GPU (SD1.5 + Flan-T5-XL's encoder in fp16: 2.4 GB of T5 + 1.7 GB of UNet + the rest) is
 what costs 5.2 GB at 512x512; with one model at a time the peak is the largest model plus its
-activations (the T5 encoder, ~2.5 GB), or the UNet's with ``llm_device="cpu"``. The price is one
-host-to-device copy of each model per call.
+activations (the T5 encoder: 2.4 GB of fp16 weights; an estimate, not yet measured on a GPU), or the
+UNet's with ``llm_device="cpu"``. The price is one host-to-device copy of each model per call.
 
 The machinery is diffusers' own ``enable_model_cpu_offload`` (accelerate's ``CpuOffload`` hooks); what
 diffusers 0.42 does, read from ``DiffusionPipeline.enable_model_cpu_offload``:
