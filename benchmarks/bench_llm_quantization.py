@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """LLM quantisation benchmark: what ``--llm-quantization`` saves in memory and how far it moves the condition.
 
-For each quantisation (``int8``, ``fp8``, ``nf4``; ``ella.text.QUANTIZATIONS``) against the unquantised LLM,
-loaded the way the product loads it (``ella.text.load_llm``), it reports
+For each quantisation (``int8``, ``fp8``, ``nf4``; ``ella.llm.QUANTIZATIONS``) against the unquantised LLM,
+loaded the way the product loads it (``ella.llm.load_llm``), it reports
 
-* the LLM's weight memory: ``ella.text.weight_bytes`` (parameters + buffers, quantised tensors counted by what
+* the LLM's weight memory: ``ella.llm.weight_bytes`` (parameters + buffers, quantised tensors counted by what
   they store) and, on CUDA, the GPU memory the loaded LLM holds and ``torch.cuda.max_memory_allocated`` while
   it loads (quantising layer by layer briefly holds a layer in full precision);
 * how close the quantised LLM's features are (cosine per real token) and, what matters for images, how close
@@ -15,7 +15,7 @@ Three sources of LLM + connector:
 
 * default: ``--llm`` (google/flan-t5-xl, an encoder-only folder or a single ``.safetensors``) + ``--ella`` (the
   official SD1.5 connector) over the 1,065 DPG-Bench prompts, fixed mode (128 tokens), as the release runs;
-* ``--random-weights``: the flan-t5-xl encoder architecture (``ella.text.FLAN_T5_XL_CONFIG``) with random
+* ``--random-weights``: the flan-t5-xl encoder architecture (``ella.llm.FLAN_T5_XL_CONFIG``) with random
   weights, written as one fp16 ``.safetensors`` and loaded through the single-file path, + a default-size
   connector with random weights; for when the hub is unreachable. Memory numbers are the real model's;
   similarities only show how quantisation noise propagates through a random network (tokenizer: MiniLM's
@@ -52,7 +52,8 @@ from ella.devices import check_device, resolve_dtype
 from ella.errors import EllaError
 from ella.hub import DEFAULT_ELLA_REPO, DEFAULT_LLM
 from ella.io import atomic_path
-from ella.text import FLAN_T5_XL_CONFIG, QUANTIZATIONS, Tokens, encode_tokens, load_llm, tokenize, weight_bytes
+from ella.llm import FLAN_T5_XL_CONFIG, QUANTIZATIONS, load_llm, weight_bytes
+from ella.text import Tokens, encode_tokens, tokenize
 
 TIMESTEPS = (999, 750, 500, 250, 1)  # across the schedule: the TSC conditions each differently
 

@@ -16,7 +16,8 @@ import transformers
 
 from ella import load_pipeline
 from ella.errors import EllaError, MissingExtraError
-from ella.text import check_quantization, encode_text, load_llm, weight_bytes
+from ella.llm import check_quantization, load_llm, weight_bytes
+from ella.text import encode_text
 from tiny_models import build_tiny_t5_tokenizer
 
 PROMPTS = [

@@ -10,8 +10,9 @@ import torch
 
 from conftest import T5_DIM, tiny_connector
 from ella.errors import EllaError
+from ella.llm import load_llm
 from ella.pipelines import EllaStableDiffusionXLImg2ImgPipeline, EllaStableDiffusionXLPipeline
-from ella.text import encode_text, load_llm
+from ella.text import encode_text
 from tiny_models import TINY_SDXL_CROSS_ATTENTION_DIM, TINY_SDXL_POOLED_DIM, build_tiny_sdxl
 
 PROMPT = "a red cat sitting on a blue chair next to a green lamp"

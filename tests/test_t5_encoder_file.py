@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from ella import load_pipeline
 from ella.errors import EllaError, MissingModelError
-from ella.text import encode_text, load_llm
+from ella.llm import load_llm
+from ella.text import encode_text
 
 PROMPTS = ["a red cat sitting on a blue chair", "a green lamp", "two yellow triangles next to a large square"]
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ella.errors import EllaError, MissingModelError
-from ella.text import PromptTruncatedWarning, encode_text, load_llm
+from ella.llm import load_llm
+from ella.text import PromptTruncatedWarning, encode_text
 
 PROMPTS = ["a red cat sitting on a blue chair", "a green lamp", "two yellow triangles next to a large square"]
 

@@ -315,7 +315,7 @@ def test_unusable_sources_fail_early_with_actionable_messages(tmp_path, hf_dir, 
 def models(tiny_sd, tiny_t5):
     from diffusers import AutoencoderKL
 
-    from ella.text import load_llm
+    from ella.llm import load_llm
 
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae").eval()
     llm, tokenizer = load_llm(tiny_t5)

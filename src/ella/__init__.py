@@ -21,7 +21,7 @@ _EXPORTS = {
     "EllaStableDiffusionPipeline": "pipelines",
     "TextFeatures": "text",
     "encode_text": "text",
-    "load_llm": "text",
+    "load_llm": "llm",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -11,9 +11,10 @@ import warnings
 from . import __version__
 from .errors import EllaError
 from .hub import DEFAULT_BASE, DEFAULT_ELLA_REPO, DEFAULT_LLM
+from .llm import QUANT_LOGGERS
 from .sample import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_STEPS
 from .schedulers import SCHEDULER_ALIASES
-from .text import DEFAULT_MAX_LENGTH, QUANT_LOGGERS
+from .text import DEFAULT_MAX_LENGTH
 
 #: Commands whose flags and work live in the shapes package (the toy world), not in the product.
 SHAPES_COMMANDS = {

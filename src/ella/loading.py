@@ -27,9 +27,9 @@ from .hub import (
     ella_ident,
     loading,
 )
+from .llm import check_hidden_layer, check_quantization, is_single_file, load_llm
 from .pipelines import PIPELINE_KINDS, PIPELINE_KINDS_XL, check_mode
 from .schedulers import make_scheduler
-from .text import check_hidden_layer, check_quantization, is_single_file, load_llm
 
 
 def load_connector(ella: str | os.PathLike = f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}", torch_dtype=None):
@@ -95,7 +95,7 @@ def load_pipeline(
     ``ella`` an official single file, ``save_pretrained`` directory or hub id; ``llm`` any HF
     encoder or decoder-only LM, or a single ``.safetensors`` of T5 encoder weights (its tokenizer from
     ``llm_tokenizer``, flan-t5-xl's by default). ``llm_quantization`` (``int8``, ``fp8``, ``nf4``)
-    quantises the LLM's weights as they load (see :func:`ella.text.load_llm`). The default scheduler is
+    quantises the LLM's weights as they load (see :func:`ella.llm.load_llm`). The default scheduler is
     DPM-Solver++ multistep, as in the official ``inference.py``.
 
     A connector with a pooling head (trained for an SDXL-style UNet) gives the SDXL pipelines.

@@ -26,7 +26,8 @@ from ..devices import default_device, resolve_dtype
 from ..errors import EllaError
 from ..hub import SINGLE_FILE_SUFFIXES, check_offline, loading
 from ..io import atomic_path
-from ..text import PromptTruncatedWarning, encode_text, load_llm
+from ..llm import load_llm
+from ..text import PromptTruncatedWarning, encode_text
 from .checkpoint import writable_dir
 from .config import MAX_SEED, require_train_extra
 from .data import CACHE_VERSION, Augment, CachedDataset, collate, open_dataset, read_cache_index

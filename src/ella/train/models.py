@@ -16,8 +16,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ..connector import TimestepAwareSemanticConnector
 from ..errors import EllaError
 from ..hub import check_offline, loading
+from ..llm import load_llm
 from ..loading import load_connector
-from ..text import load_llm
 from .config import TrainConfig
 
 

@@ -15,8 +15,8 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from PIL import Image
 
 from ..io import atomic_path
+from ..llm import load_llm
 from ..pipelines import EllaStableDiffusionPipeline
-from ..text import load_llm
 
 
 def validation_images(
