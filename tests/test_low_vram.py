@@ -232,3 +232,19 @@ def test_generate_refuses_speed_flags_that_cannot_work_before_loading(run_cli, t
     # the models named do not exist: a refusal that came after loading would name them instead
     missing = ["--base", str(tmp_path / "nope"), "--ella", str(tmp_path / "nope.safetensors")]
     assert_refused(*run_cli("generate", "a red cube", *flags, *missing, "--out", str(tmp_path / "o"))[::2], *needles)
+
+
+def test_fast_and_low_vram_refuse_each_other_in_either_order(tiny_sd, tiny_ella_file, tiny_t5, sd):
+    # offloaded first: fast mode refuses before compiling or fusing anything
+    pipe, _ = sd
+    enable_low_vram(pipe, device="cpu")
+    forward = pipe.unet.forward
+    with pytest.raises(EllaError, match="enable_fast_inference after an offload") as err:
+        pipe.enable_fast_inference(backend="eager")
+    assert "\n" not in str(err.value) and pipe.unet.forward == forward and not pipe._ella_fast
+    # fast first (a pipeline of its own: fast mode cannot be undone): low-VRAM refuses before hooking anything
+    fast = tiny_pipeline(tiny_sd, tiny_ella_file, tiny_t5)
+    fast.enable_fast_inference(backend="eager")
+    with pytest.raises(EllaError, match="enable_low_vram after enable_fast_inference"):
+        enable_low_vram(fast, device="cpu")
+    assert not getattr(fast, "_all_hooks", None) and not any(hasattr(m, "_hf_hook") for m in modules(fast).values())

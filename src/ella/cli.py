@@ -285,7 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise EllaError(f"prompt {i} is empty: describe the image")
     check_device(args.device)
     check_out_dir(args.out)
-    check_speed_flags(args)
+    offload_device = check_speed_flags(args)
     given = dict(
         negative_prompt=args.negative,
         steps=args.steps,
@@ -322,11 +322,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kind = kind_for(args.init_image, args.mask, args.controlnet, args.control_image)
     inputs = read_inputs(kind, args.init_image, args.mask, args.control_image, settings.width, settings.height)
     device, dtype = args.device, args.dtype
-    if args.low_vram:  # load on the CPU in the GPU's dtype: loading onto the GPU would hit the full peak
+    if offload_device is not None:  # load on the CPU in the GPU's dtype: loading onto the GPU would hit the full peak
         from .devices import resolve_dtype
-        from .pipelines.memory import check_low_vram
 
-        offload_device, _ = check_low_vram(args.device, args.llm_device)
         device, dtype = "cpu", resolve_dtype(args.dtype, str(offload_device))
     pipe = load_pipeline(
         args.base,
@@ -358,14 +356,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     if args.fast:  # after the LoRAs: fusing QKV bakes in the attention weights present now
         pipe.enable_fast_inference()
-    if args.low_vram:
+    if offload_device is not None:
         pipe.enable_low_vram(device=offload_device, llm_device=args.llm_device)
     generate_to_dir(pipe, args.prompt, settings, args.out, sources, inputs, on_saved=print)
     return 0
 
 
-def check_speed_flags(args: argparse.Namespace) -> None:
-    """``--fast`` / ``--low-vram`` / ``--llm-device``: refuse combinations that cannot work, before loading."""
+def check_speed_flags(args: argparse.Namespace):
+    """``--fast`` / ``--low-vram`` / ``--llm-device``: refuse combinations that cannot work, before loading.
+
+    Returns the device the models take turns on under ``--low-vram`` (a ``torch.device``), else None."""
     if args.llm_device is not None and not args.low_vram:
         raise EllaError("--llm-device applies with --low-vram: add --low-vram, or drop --llm-device")
     if args.fast and args.low_vram:
@@ -373,11 +373,14 @@ def check_speed_flags(args: argparse.Namespace) -> None:
             "--fast and --low-vram do not combine: CUDA graphs keep the weights at fixed GPU addresses, "
             "low-VRAM mode moves them every call; pick one"
         )
-    if args.low_vram and args.model is None:
-        from .pipelines.memory import check_low_vram
+    if not args.low_vram or args.model is not None:  # the shapes model refuses --low-vram itself
+        return None
+    from .pipelines.memory import check_low_vram
 
-        if check_low_vram(args.device, args.llm_device)[0].type == "cpu":
-            raise EllaError("--low-vram saves GPU memory; on the CPU, drop it")
+    offload_device, _ = check_low_vram(args.device, args.llm_device)
+    if offload_device.type == "cpu":
+        raise EllaError("--low-vram saves GPU memory; on the CPU, drop it")
+    return offload_device
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -213,39 +213,25 @@ class EllaMixin:
         a fixed length (every row then has the same shape). The cache is dropped when the LLM, its dtype
         or device, or the length policy change.
         """
-        if not getattr(self, "_ella_fast", False) or self.config.llm_flexible or not negatives:
+        if not self._ella_fast or self.config.llm_flexible or not negatives:
             return self.encode_text(texts)
         key = (id(self.llm), self.llm.dtype, self.llm.device, self.config.llm_max_length, self.config.llm_hidden_layer)
         if self._ella_feature_key != key:
             self._ella_feature_cache, self._ella_feature_key = {}, key
         cache = self._ella_feature_cache
         todo = [t for t in texts if t not in cache]
-        if todo:
-            fresh = self.encode_text(todo).hidden_states
-            rows = dict(zip(todo, fresh.split(1)))
-            for text in todo:
-                if text in negatives and len(cache) < MAX_CACHED_NEGATIVES:
-                    cache[text] = rows[text]
-        else:
-            rows = {}
+        rows = dict(zip(todo, self.encode_text(todo).hidden_states.split(1))) if todo else {}
+        for text in todo:
+            if text in negatives and len(cache) < MAX_CACHED_NEGATIVES:
+                cache[text] = rows[text]
         return TextFeatures(torch.cat([rows[t] if t in rows else cache[t] for t in texts]))
 
     def enable_fast_inference(self, **options) -> None:
         """Compile and fuse for speed (see :func:`ella.pipelines.fast.enable_fast_inference` for ``options``)."""
-        if getattr(self, "_all_hooks", None):
-            raise EllaError(
-                "enable_fast_inference after an offload (enable_low_vram / enable_model_cpu_offload): CUDA graphs "
-                "hold fixed weight addresses and offloading moves the weights every call; use one or the other"
-            )
         enable_fast_inference(self, **options)
 
     def enable_low_vram(self, *, llm_device=None, device=None, vae_tiling=None) -> None:
         """Only the running model on the accelerator (see :func:`ella.pipelines.memory.enable_low_vram`)."""
-        if self._ella_fast:
-            raise EllaError(
-                "enable_low_vram after enable_fast_inference: CUDA graphs hold fixed weight addresses and "
-                "offloading moves the weights every call; use one or the other"
-            )
         enable_low_vram(self, llm_device=llm_device, device=device, vae_tiling=vae_tiling)
 
     def _clip_part(self, texts: list[str], device, lora_scale, clip_skip) -> ClipPart | None:

@@ -62,6 +62,11 @@ def enable_fast_inference(
         raise EllaError(f"{type(pipe).__name__} has no unet/vae: enable_fast_inference speeds up diffusion pipelines")
     if getattr(pipe, "_ella_fast", False):
         return  # already fast: compiling a compiled forward would only add a layer
+    if getattr(pipe, "_all_hooks", None):  # diffusers' model offload (enable_low_vram included) is on
+        raise EllaError(
+            "enable_fast_inference after an offload (enable_low_vram / enable_model_cpu_offload): CUDA graphs "
+            "hold fixed weight addresses and offloading moves the weights every call; use one or the other"
+        )
     if backend == "inductor":
         _inductor_settings(cache_dir, mode)
     if fuse_qkv:

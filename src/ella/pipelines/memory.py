@@ -161,6 +161,11 @@ def enable_low_vram(
     """
     if not isinstance(pipe, EllaOffloadMixin):
         raise EllaError(f"enable_low_vram takes an ELLA pipeline (ella.load_pipeline(...)); got {type(pipe).__name__}")
+    if getattr(pipe, "_ella_fast", False):
+        raise EllaError(
+            "enable_low_vram after enable_fast_inference: CUDA graphs hold fixed weight addresses and "
+            "offloading moves the weights every call; use one or the other"
+        )
     target, llm_on_cpu = check_low_vram(device, llm_device)
     vae = getattr(pipe, "vae", None)
     can_tile = vae is not None and hasattr(vae, "use_tiling") and hasattr(vae, "enable_tiling")

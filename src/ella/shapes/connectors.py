@@ -272,7 +272,8 @@ def train_connector(
                 rate = step * plan.batch / (time.perf_counter() - t_loop)
                 log(f"connector {plan.variant} step {step}/{plan.steps} loss {value:.4f} ({rate:.0f} samples/s)")
     seconds = time.perf_counter() - t_loop
-    earlier = (plan.init_record or {}).get("samples_total", (plan.init_record or {}).get("samples_seen", 0))
+    record = plan.init_record or {}
+    earlier = record.get("samples_total", record.get("samples_seen", 0))
     training.update(
         samples_seen=training["steps"] * plan.batch,
         samples_total=earlier + training["steps"] * plan.batch,
