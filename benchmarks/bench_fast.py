@@ -12,7 +12,11 @@ not values):
   pipeline: the same expert recipe (fused QKV, channels-last, inductor flags, compiled UNet + VAE decoder
   with CUDA graphs) that ``ours-fast`` gets, so ours-fast / plain-fast isolates what ELLA itself costs;
 * ``ours-fast``                        -- ``EllaStableDiffusionPipeline.enable_fast_inference()``;
-* ``ours-low-vram``                    -- ``pipe.enable_low_vram()`` (only the active model on the GPU).
+* ``ours-low-vram``                    -- ``pipe.enable_low_vram()`` (only the active model on the GPU);
+* ``ours-low-vram-llm-cpu``            -- ``pipe.enable_low_vram(llm_device="cpu")`` (the T5 runs on the CPU);
+* ``ours-llm-int8``                    -- ours eager with the T5 loaded by ``ella.llm.load_llm(quantization="int8")``
+  (torchao weight-only int8; skipped with a note when torchao is missing);
+* ``official``                         -- the release's per-step proxy UNet (``bench_inference.OfficialProxyUNet``).
 
 Each compiled row has its own copies of the modules (compiling and fusing change them in place).
 Peak memory is measured as the growth of ``torch.cuda.max_memory_allocated`` over what was allocated
@@ -45,10 +49,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_inference as B  # the model builders and timing helpers of the main benchmark
+from ella.errors import EllaError
 from ella.io import atomic_path
 
 T0 = time.perf_counter()
-CONFIGS = ("plain", "ours", "ours-low-vram", "plain-compiled", "plain-fast", "ours-fast")
+CONFIGS = (
+    "plain",
+    "ours",
+    "official",
+    "ours-llm-int8",
+    "ours-low-vram",
+    "ours-low-vram-llm-cpu",
+    "plain-compiled",
+    "plain-fast",
+    "ours-fast",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,11 +128,36 @@ def build(m: dict, args, device) -> dict:
             llm_tokenizer=m["t5_tok"],
         )
 
-    def low_vram():  # its models start on the CPU, copies so that the offload hooks touch no other row
+    def low_vram(llm_device=None):  # its models start on the CPU, copies so that the hooks touch no other row
         c = copies(m, ("unet", "vae", "t5", "connector"), "cpu")
         pipe = ours_pipe(c["unet"], c["vae"], c["t5"], c["connector"])
-        pipe.enable_low_vram(device=device)
+        pipe.enable_low_vram(device=device, llm_device=llm_device)
         return pipe
+
+    def official():  # the release: T5 of the prompts and of "" (fixed, 128 tokens), the connector at every step
+        from ella.text import encode_text
+
+        pipe = plain_pipe(m["unet"], m["vae"], None)
+        pipe.unet = B.OfficialProxyUNet(m["connector"], m["unet"])
+
+        def run(prompt, **kwargs):
+            pos = encode_text(m["t5"], m["t5_tok"], prompt, max_length=128).hidden_states
+            neg = encode_text(m["t5"], m["t5_tok"], [""], max_length=128).hidden_states.expand(len(prompt), -1, -1)
+            return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **kwargs)
+
+        run.set_progress_bar_config = pipe.set_progress_bar_config
+        return run
+
+    def llm_int8():  # the T5 saved as a folder and loaded back the way --llm-quantization int8 loads it
+        import tempfile
+
+        from ella.llm import load_llm
+
+        with tempfile.TemporaryDirectory(prefix="bench-fast-t5-") as tmp:
+            m["t5"].save_pretrained(tmp)
+            m["t5_tok"].save_pretrained(tmp)
+            t5, _ = load_llm(tmp, dtype=m["t5"].dtype, device=device, quantization="int8")
+        return ours_pipe(m["unet"], m["vae"], t5, m["connector"])
 
     def plain_compiled():
         c = copies(m, ("unet",), device)
@@ -140,7 +180,10 @@ def build(m: dict, args, device) -> dict:
     makers = {
         "plain": lambda: plain_pipe(m["unet"], m["vae"], m["clip"]),
         "ours": lambda: ours_pipe(m["unet"], m["vae"], m["t5"], m["connector"]),
+        "official": official,
+        "ours-llm-int8": llm_int8,
         "ours-low-vram": low_vram,
+        "ours-low-vram-llm-cpu": lambda: low_vram("cpu"),
         "plain-compiled": plain_compiled,
         "plain-fast": plain_fast,
         "ours-fast": ours_fast,
@@ -243,7 +286,13 @@ def main(argv=None) -> int:
         prompts = [B.PROMPTS[j % len(B.PROMPTS)] for j in range(batch)]
         for name, make in makers.items():
             if name not in rows:
-                rows[name] = make()
+                try:
+                    rows[name] = make()
+                except EllaError as err:  # e.g. the [quant] extra is missing on this machine
+                    notes.append(f"{name}: skipped, {err}")
+                    B.log(f"{name}: skipped, {err}")
+                    makers = {k: v for k, v in makers.items() if k != name}
+                    continue
                 rows[name].set_progress_bar_config(disable=True)
             pipe = rows[name]
             first, images = timed(pipe, prompts, args, device)  # compiles, for the compiled rows
@@ -286,7 +335,9 @@ def summarise(results: dict, reference: dict, args) -> None:
             if (base, batch) in results and base != name:
                 other = results[base, batch].get("times_s") or [results[base, batch]["second_call_s"]]
                 row[f"ratio_vs_{base}"] = statistics.median(times) / statistics.median(other)
-    for fast, eager in (("ours-fast", "ours"), ("plain-fast", "plain"), ("ours-low-vram", "ours")):
+    pairs = (("ours-fast", "ours"), ("plain-fast", "plain"), ("ours-low-vram", "ours"), ("ours-llm-int8", "ours"))
+    pairs += (("ours-low-vram-llm-cpu", "ours"),)
+    for fast, eager in pairs:
         for batch in args.batches:
             if (fast, batch) in reference and (eager, batch) in reference:
                 a, b = reference[fast, batch], reference[eager, batch]

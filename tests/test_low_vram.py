@@ -18,7 +18,7 @@ from torch import nn
 from conftest import T5_DIM, assert_refused, plain_of, tiny_connector, tiny_pipeline
 from ella.errors import EllaError
 from ella.pipelines import PIPELINE_KINDS, PIPELINE_KINDS_XL
-from ella.pipelines.memory import enable_low_vram
+from ella.pipelines.memory import PinnedCpuOffload, enable_low_vram
 from tiny_models import TINY_SDXL_CROSS_ATTENTION_DIM, TINY_SDXL_POOLED_DIM, build_tiny_sdxl
 
 # the tiny LLM runs in fp32, the tiny connector says fp16: base.py warns once per pipeline
@@ -125,8 +125,48 @@ def test_low_vram_sd15_same_images_one_model_at_a_time(sd):
     assert np.array_equal(generate(pipe), plain["one"])
     assert loads == ["llm", "connector"] + ["unet"] * KW["num_inference_steps"] + ["vae"]
     assert all(hasattr(m, "_hf_hook") for m in modules(pipe).values())  # re-armed by maybe_free_model_hooks
+    assert all(isinstance(h.hook, PinnedCpuOffload) and h.model._hf_hook is h.hook for h in pipe._all_hooks)
     assert torch.equal(generate(pipe, 2, output_type="latent"), plain["latents"])
     assert np.abs(generate(pipe, 2) - plain["two"]).max() <= 1e-5
+
+
+def test_offload_points_unchanged_weights_back_at_their_cpu_copy_and_keeps_changed_ones():
+    """The no-copy offload: a tensor that still holds what was loaded returns to its kept CPU copy (same
+    storage, no copy); one written in place, or replaced, while loaded keeps its new value and becomes the copy.
+    A load is simulated on the CPU by giving every tensor fresh storage, as module.to(cuda) would."""
+    from accelerate.hooks import CpuOffload, add_hook_to_module
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    hook = PinnedCpuOffload("cpu")
+    add_hook_to_module(module, hook)  # init_hook: the CPU copies are made
+    assert isinstance(hook, CpuOffload)  # what diffusers' LoRA loading looks for to lift the offload
+    home = {name: t.data_ptr() for name, t in module.state_dict(keep_vars=True).items()}
+    before = {name: t.detach().clone() for name, t in module.state_dict().items()}
+
+    def load():
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = t.data.clone()
+        hook.pre_forward(module)
+
+    load()
+    assert all(t.data_ptr() != home[n] for n, t in module.state_dict(keep_vars=True).items())
+    hook.init_hook(module)  # offload, nothing changed: every tensor points at its CPU copy again
+    assert {n: t.data_ptr() for n, t in module.state_dict(keep_vars=True).items()} == home
+
+    load()
+    with torch.no_grad():
+        module[0].weight.add_(1.0)  # written in place while loaded (a fused LoRA, say)
+    module[1].running_mean.data = torch.full((4,), 7.0)  # replaced while loaded
+    hook.init_hook(module)
+    state = module.state_dict(keep_vars=True)
+    assert torch.equal(state["0.weight"], before["0.weight"] + 1) and state["0.weight"].data_ptr() != home["0.weight"]
+    assert torch.equal(state["1.running_mean"], torch.full((4,), 7.0))
+    assert state["0.bias"].data_ptr() == home["0.bias"] and torch.equal(state["0.bias"], before["0.bias"])
+    load()  # the changed values are the CPU copies now: the next offload returns to them without a copy
+    hook.init_hook(module)
+    assert torch.equal(module[0].weight, before["0.weight"] + 1)
+    assert module[0].weight.data_ptr() == module._ella_cpu_copies["0.weight"].data_ptr()
 
 
 def test_low_vram_sdxl_ella_clip_same_images(sdxl):
