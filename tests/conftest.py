@@ -35,6 +35,21 @@ def tiny_connector(seed: int = 0, **overrides) -> TimestepAwareSemanticConnector
     return model.eval()
 
 
+def gen(seed: int) -> list[torch.Generator]:
+    """One CPU generator: the seed of a one-image call."""
+    return [torch.Generator().manual_seed(seed)]
+
+
+def record(module) -> list:
+    """(timestep, encoder_hidden_states) of every call, as the module saw them (after the condition feed's hook)."""
+    seen = []
+    module.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((args[1].clone(), kwargs["encoder_hidden_states"].clone())),
+        with_kwargs=True,
+    )
+    return seen
+
+
 def plain_of(pipe):
     """The pipeline's VAE, UNet and scheduler in diffusers' own ``StableDiffusionPipeline``, with no text encoder
     (its callers pass ``prompt_embeds``): the reference that ELLA's pipelines are compared with."""

@@ -174,3 +174,21 @@ def test_load_pipeline_picks_sdxl_for_a_pooled_connector_and_cli_generates(tiny_
     (png,) = (tmp_path / "out").glob("*.png")
     assert Image.open(png).size == (64, 64)
     assert json.loads(png.with_suffix(".json").read_text())["condition_mode"] == "ella+clip"
+
+
+def test_prompt_2_feeds_the_second_clip_in_ella_clip_mode_and_is_refused_in_ella_mode(tiny_sdxl, tiny_t5):
+    from ella.errors import EllaError
+    from ella.pipelines.clip import encode_clip
+    from ella.prompts import parse_weights
+
+    pipe = load(tiny_sdxl, tiny_t5, clip=True)
+    seen = record(pipe.unet)
+    generator = torch.Generator().manual_seed(0)
+    pipe(PROMPT, prompt_2="a green lamp", clip_prompt="a red cat", guidance_scale=1.0, generator=generator, **KW)
+    embeds, _, _ = encode_clip(pipe, [parse_weights("a red cat")], "cpu", rows_2=[parse_weights("a green lamp")])
+    one_text, _, _ = encode_clip(pipe, [parse_weights("a red cat")], "cpu")
+    assert not torch.allclose(embeds, one_text)
+    for _, cond, _ in seen:
+        assert torch.allclose(cond[:, :77], embeds, atol=1e-6)
+    with pytest.raises(EllaError, match="prompt_2"):
+        pipe(PROMPT, prompt_2="a green lamp", condition_mode="ella", **KW)

@@ -41,6 +41,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="+", help="one or more prompts (dense, detailed prompts are ELLA's strength)")
     gen.add_argument("--negative", default="", help="negative prompt (default: empty, as released)")
+    gen.add_argument(
+        "--no-prompt-weights",
+        action="store_true",
+        help="read (word:1.3) / [word] emphasis as before prompt weights existed: markup removed, no weights",
+    )
     gen.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     gen.add_argument(
         "--guidance",
@@ -73,6 +78,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="ella+clip: the base's CLIP tokens (77) beside ELLA's (64), so LoRA trigger words and "
         "textual inversions work",
     )
+    tools.add_argument(
+        "--clip-prompt",
+        default=None,
+        help="with --mode ella+clip: CLIP's own text (trigger words, tags, TI tokens; default: the prompt), "
+        "while the LLM reads the prompt",
+    )
+    tools.add_argument("--negative-clip-prompt", default=None, help="with --mode ella+clip: CLIP's negative text")
     tools.add_argument(
         "--init-image", default=None, help="img2img: start from this image (resized to --width/--height)"
     )
@@ -167,10 +179,25 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="auto (fp16 on CUDA, fp32 on CPU; the default), float16, bfloat16, float32")
     length = p.add_mutually_exclusive_group()
     length.add_argument(
-        "--max-length", type=int, help=f"fixed mode: pad to this length (default: {DEFAULT_MAX_LENGTH})"
+        "--max-length",
+        type=max_length_value,
+        help=f"fixed mode: pad to this many LLM tokens (default: {DEFAULT_MAX_LENGTH}); 'none': each prompt whole",
     )
     length.add_argument("--flexible", action="store_true", help="flexible mode: each prompt at its own length")
     p.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name (default: dpm++)")
+
+
+def max_length_value(text: str) -> int | str:
+    """``--max-length``: a whole number of tokens >= 1, or ``none`` (no truncation)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 token (or 'none'), got {value}")
+    return value
 
 
 def model_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -297,6 +324,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         condition_mode=args.mode,
         batch_size=args.batch_size,
+        clip_prompt=args.clip_prompt,
+        negative_clip_prompt=args.negative_clip_prompt,
+        prompt_weights=not args.no_prompt_weights,
     )
     if args.model is not None:  # the shapes world's mini model: its own defaults and checks
         from .shapes.cli import generate as generate_shapes
@@ -334,7 +364,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype=dtype,
         llm_dtype=dtype,
         scheduler=args.scheduler,
-        max_length=args.max_length,
+        max_length=None if args.max_length == "none" else args.max_length,
         flexible=args.flexible,
         hidden_layer=args.llm_layer,
         base_config=args.base_config,

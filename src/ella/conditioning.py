@@ -15,6 +15,10 @@ connector outputs once per step. Here instead:
    ``[N, tokens, width]`` condition of the timestep being called: :class:`ConditionFeed`.
 
 ``pipe.unet`` stays a real ``UNet2DConditionModel`` throughout.
+
+Prompt editing (``[a red square:a blue circle:0.5]``, ``[a|b]``) makes the condition depend on the step
+as well: the placeholder then carries a *slot* (one per prompt given), and a ``schedule`` says which row
+(distinct prompt text) each slot reads at each step. Without one, slot ``i`` reads row ``i`` at every step.
 """
 
 from __future__ import annotations
@@ -67,52 +71,85 @@ class ConditionTable:
         timesteps: Callable[[], Iterable[float] | torch.Tensor] | None = None,
         clip: ClipPart | None = None,
         pooled: bool = False,
+        schedule: Callable[[int], SlotRows] | None = None,
+        run_from: Callable[[], int | None] | None = None,
     ):
         self.connector = connector
         self.states = features.hidden_states.to(dtype=next(connector.parameters()).dtype)
         self.mask = features.attention_mask
+        self.weights = features.token_weights
         self.clip = clip
         # SDXL-style UNets also take a pooled text embedding: the connector's pooling head over its own
         # tokens at the same timestep (as trained in ella.train), kept beside the token table.
         self.with_pooled = pooled
         self._schedule_fn = timesteps
+        # ``schedule(steps)``: per slot and step, the feature row (and CLIP row) to read; ``run_from()``: where
+        # the loop starts in the schedule (img2img's begin index), so "step 1" is the first step that runs.
+        self._slot_fn = schedule
+        self._run_from = run_from
         self._filled = False
         self._schedule: torch.Tensor | None = None  # held so that its element addresses stay its own
         self._by_address: dict[int, int] = {}  # data_ptr of a schedule element -> table position
         self._by_value: dict[float, int] = {}  # timestep value -> table position
-        self._tokens: torch.Tensor | None = None  # [unique timesteps, rows, tokens, width]
-        self._pooled: torch.Tensor | None = None  # [unique timesteps, rows, pooled_dim]
+        self._run_values: list[float] = []  # the distinct timesteps the loop runs, in order: step 1, 2, ...
+        self._slot_rows: SlotRows | None = None  # [slots, steps] feature rows (and CLIP rows) per step
+        self._step_of: list[int] = []  # table position -> step index (0-based) into _slot_rows
+        self._tokens: torch.Tensor | None = None  # [unique timesteps, slots, tokens, width]
+        self._pooled: torch.Tensor | None = None  # [unique timesteps, slots, pooled_dim]
 
     @property
     def rows(self) -> int:
+        """Distinct prompt texts (the LLM features' batch)."""
         return self.states.shape[0]
 
-    @torch.no_grad()
-    def run(self, timesteps: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The connector for all rows at ``timesteps``, in one batched call (chunked past MAX_ROWS_PER_CALL).
+    @property
+    def slots(self) -> int:
+        """What a placeholder indexes: one per prompt given (equal to the rows without a schedule)."""
+        return self.rows if self._slot_rows is None else self._slot_rows.llm.shape[0]
 
-        Returns tokens ``[len(timesteps), rows, tokens, width]`` (CLIP's joined in ``ella+clip`` mode)
-        and, with a pooling head, the pooled embedding ``[len(timesteps), rows, pooled_dim]``, else None.
+    def rows_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature rows and CLIP rows of every slot at ``step`` (0-based); identity without a schedule."""
+        if self._slot_rows is None:
+            rows = torch.arange(self.rows)
+            return rows, rows
+        llm, clip = self._slot_rows.llm, self._slot_rows.clip
+        step = min(step, llm.shape[1] - 1)
+        return llm[:, step], (llm if clip is None else clip)[:, step]
+
+    @torch.no_grad()
+    def run(self, timesteps: list[float], steps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The connector for all slots at ``timesteps`` (each at its ``steps`` entry), in one batched call
+        (chunked past MAX_ROWS_PER_CALL).
+
+        Returns tokens ``[len(timesteps), slots, tokens, width]`` (CLIP's joined in ``ella+clip`` mode)
+        and, with a pooling head, the pooled embedding ``[len(timesteps), slots, pooled_dim]``, else None.
         """
-        per_call = max(1, MAX_ROWS_PER_CALL // self.rows)
+        steps = steps if steps is not None else [0] * len(timesteps)
+        slots = self.slots
+        per_call = max(1, MAX_ROWS_PER_CALL // slots)
         tokens, pooled = [], []
         for start in range(0, len(timesteps), per_call):
             chunk = timesteps[start : start + per_call]
             n = len(chunk)
+            picks = [self.rows_at(k) for k in steps[start : start + per_call]]
+            rows = torch.cat([llm for llm, _ in picks])
             # Read before every call: under enable_model_cpu_offload the connector sits on the CPU until its
             # first call moves it (and that call's inputs) to the accelerator; later calls move no inputs.
             device = compute_device(self.connector)
-            t = torch.tensor(chunk, device=device).repeat_interleave(self.rows)
-            mask = None if self.mask is None else self.mask.to(device).repeat(n, 1)
-            out = self.connector(self.states.to(device).repeat(n, 1, 1), t, attention_mask=mask)
+            t = torch.tensor(chunk, device=device).repeat_interleave(slots)
+            mask = None if self.mask is None else self.mask.to(device)[rows.to(device)]
+            weights = None if self.weights is None else self.weights.to(device)[rows.to(device)]
+            states = self.states.to(device)
+            states = states.repeat(n, 1, 1) if self._slot_rows is None else states[rows.to(device)]
+            out = self.connector(states, t, attention_mask=mask, text_weights=weights)
             if self.with_pooled:
                 mask = None if mask is None else mask.to(out.device)
-                pooled.append(self.connector.pool(out, mask).view(n, self.rows, -1))
-            tokens.append(out.view(n, self.rows, *out.shape[1:]))
-        joined = torch.cat(tokens)
-        if self.clip is not None:
-            joined = self.clip.join(joined)
-        return joined, (torch.cat(pooled) if pooled else None)
+                pooled.append(self.connector.pool(out, mask).view(n, slots, -1))
+            out = out.view(n, slots, *out.shape[1:])
+            if self.clip is not None:
+                out = self.clip.join(out, torch.stack([clip for _, clip in picks]))
+            tokens.append(out)
+        return torch.cat(tokens), (torch.cat(pooled) if pooled else None)
 
     def precompute(self) -> None:
         """Run the connector for the whole schedule (once; later calls return at once)."""
@@ -128,8 +165,14 @@ class ConditionTable:
         if isinstance(schedule, torch.Tensor) and schedule.ndim == 1:
             self._schedule = schedule
             self._by_address = {element.data_ptr(): self._by_value[v] for element, v in zip(schedule, values)}
+        begin = (self._run_from() if self._run_from is not None else None) or 0
+        self._run_values = list(dict.fromkeys(values[begin:])) or unique
+        step = {v: k for k, v in enumerate(self._run_values)}
+        self._step_of = [step.get(v, 0) for v in unique]  # timesteps before img2img's start: never run
+        if self._slot_fn is not None:
+            self._slot_rows = self._slot_fn(max(1, len(self._run_values)))
         if unique:
-            self._tokens, self._pooled = self.run(unique)
+            self._tokens, self._pooled = self.run(unique, self._step_of)
             if self.mask is not None:  # where the lookups index it: no copy per step
                 self.mask = self.mask.to(self._tokens.device)
         self._filled = True
@@ -149,24 +192,45 @@ class ConditionTable:
                 return found
         return self._by_value.get(float(timestep))
 
+    def step_of(self, timestep: torch.Tensor | float) -> int:
+        """The (0-based) step whose prompt applies at ``timestep``; off the schedule: the nearest step's."""
+        pos = self.position(timestep)
+        if pos is not None:
+            return self._step_of[pos]
+        if not self._run_values:
+            return 0
+        value = float(timestep)
+        return min(range(len(self._run_values)), key=lambda k: abs(self._run_values[k] - value))
+
     def lookup(self, timestep: torch.Tensor | float, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens ``[len(rows), tokens, width]`` and pooled ``[len(rows), pooled_dim]`` (or None) at one timestep."""
+        """Tokens ``[len(rows), tokens, width]`` and pooled ``[len(rows), pooled_dim]`` (or None) at one timestep.
+
+        ``rows`` are the placeholder's values: slots (rows, without a schedule)."""
         self.precompute()
         pos = self.position(timestep)
         if pos is None:
-            tokens, pooled = self.run([float(timestep)])
+            tokens, pooled = self.run([float(timestep)], [self.step_of(timestep)])
             pos = 0
         else:
             tokens, pooled = self._tokens, self._pooled
         rows = rows.to(tokens.device)
         return tokens[pos, rows], (None if pooled is None else pooled[pos, rows])
 
-    def encoder_attention_mask(self, rows: torch.Tensor) -> torch.Tensor | None:
+    def encoder_attention_mask(self, rows: torch.Tensor, timestep: torch.Tensor | float = 0) -> torch.Tensor | None:
         """For connectors whose output follows the text (MLP variant), the text mask of each sample's row."""
         if self.mask is None or not getattr(self.connector, "output_follows_text", False):
             return None  # checked first: the common case costs the step no kernel
-        mask = self.mask[rows.to(self.mask.device)]
+        texts = self.rows_at(self.step_of(timestep))[0] if self._slot_rows is not None else torch.arange(self.rows)
+        mask = self.mask[texts.to(self.mask.device)[rows.to(self.mask.device)]]
         return mask if self.clip is None else self.clip.join_mask(mask)
+
+
+@dataclass
+class SlotRows:
+    """Per slot (prompt given) and step: the LLM feature row to read, and the CLIP row (None: the same)."""
+
+    llm: torch.Tensor  # [slots, steps] long
+    clip: torch.Tensor | None = None
 
 
 @dataclass
@@ -182,14 +246,18 @@ class ClipPart:
     condition by position. ``clip_scale``/``ella_scale`` multiply each part's tokens.
     """
 
-    embeds: torch.Tensor  # [rows, 77, width]: CLIP's last hidden states of every table row's text
+    embeds: torch.Tensor  # [clip rows, 77 * windows, width]: CLIP's hidden states of each distinct CLIP text
     clip_first: bool = True
     clip_scale: float = 1.0
     ella_scale: float = 1.0
 
-    def join(self, ella: torch.Tensor) -> torch.Tensor:
-        """``ella`` ``[n, rows, tokens, width]`` -> ``[n, rows, 77 + tokens, width]``."""
-        clip = self.embeds.to(ella.device, ella.dtype).unsqueeze(0).expand(ella.shape[0], -1, -1, -1)
+    def join(self, ella: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``ella`` ``[n, slots, tokens, width]`` -> ``[n, slots, 77 + tokens, width]``; ``rows`` ``[n, slots]``:
+        the CLIP row of each (default: slot i reads CLIP row i)."""
+        if rows is None:
+            clip = self.embeds.to(ella.device, ella.dtype).unsqueeze(0).expand(ella.shape[0], -1, -1, -1)
+        else:
+            clip = self.embeds.to(ella.device, ella.dtype)[rows.to(ella.device)]
         clip = clip * self.clip_scale if self.clip_scale != 1.0 else clip
         ella = ella * self.ella_scale if self.ella_scale != 1.0 else ella
         return torch.cat((clip, ella) if self.clip_first else (ella, clip), dim=2)
@@ -287,7 +355,8 @@ class ConditionFeed:
         added = kwargs.get("added_cond_kwargs")
         if pooled is not None and added and "text_embeds" in added:
             kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled.to(embeds.device)}
-        mask = table.encoder_attention_mask(rows)
+        first = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep  # same address
+        mask = table.encoder_attention_mask(rows, first)
         if mask is not None and "encoder_attention_mask" in inspect.signature(module.forward).parameters:
             kwargs["encoder_attention_mask"] = mask.to(embeds.device)
         return args, kwargs

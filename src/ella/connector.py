@@ -147,7 +147,7 @@ class PerceiverResampler(nn.Module):
         self.proj_in = nn.Linear(input_dim, width)
         self.perceiver_blocks = nn.ModuleList(PerceiverBlock(width, heads, time_embed_dim, norm) for _ in range(layers))
 
-    def forward(self, text, temb, text_mask):
+    def forward(self, text, temb, text_mask, text_weights=None):
         batch, num_latents = text.shape[0], self.latents.shape[0]
         latents = self.latents.unsqueeze(0).expand(batch, -1, -1)
         if temb is not None:
@@ -157,10 +157,33 @@ class PerceiverResampler(nn.Module):
             # Keys are [latents; text]: latents are always visible, padded text tokens are not.
             visible = torch.cat([text_mask.new_ones(batch, num_latents), text_mask], dim=1)
             key_padding_mask = ~visible.bool()
+        if text_weights is not None:
+            key_padding_mask = weighted_key_bias(text_weights, num_latents, key_padding_mask, text.dtype)
         text = self.proj_in(text)
         for block in self.perceiver_blocks:
             latents = block(text, latents, temb, key_padding_mask)
         return latents
+
+
+def weighted_key_bias(
+    text_weights: torch.Tensor, num_latents: int, key_padding_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """An additive attention-logit bias over the keys ``[latents; text]``: ``log(w)`` on each text key.
+
+    Why a logit bias, and not scaled features (what A1111 does to CLIP's output): every block normalises
+    the text keys first (``ln_2``, a LayerNorm per token), which would undo any scaling of a token's
+    features. Adding ``log(w)`` to a key's logit multiplies its unnormalised attention weight by ``w`` for
+    every latent query, in every head and block: with weight 2 the connector listens to those words twice
+    as much relative to the rest, and what the LLM said about them is untouched. The attention mass on the
+    weighted tokens rises strictly with ``w``; ``w = 1`` adds exactly 0. Latent keys and the padding
+    (``-inf``, from ``key_padding_mask``) are unaffected.
+    """
+    if not torch.isfinite(text_weights).all() or (text_weights <= 0).any():
+        raise ValueError("text_weights must be finite and positive (1 = unchanged)")
+    bias = torch.cat([text_weights.new_zeros(text_weights.shape[0], num_latents), text_weights.log()], dim=1)
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(key_padding_mask, float("-inf"))
+    return bias.to(dtype)
 
 
 class MLPConnector(nn.Module):
@@ -176,8 +199,15 @@ class MLPConnector(nn.Module):
             OrderedDict([("fc_1", nn.Linear(input_dim, width)), ("act", nn.GELU()), ("fc_2", nn.Linear(width, width))])
         )
 
-    def forward(self, text, temb, text_mask):
-        return self.mlp(text)
+    def forward(self, text, temb, text_mask, text_weights=None):
+        out = self.mlp(text)
+        if text_weights is None:
+            return out
+        # No attention to bias: the output tokens go to the UNet as they are, so weigh them as A1111 weighs
+        # CLIP's tokens (scale each, then restore the sequence mean).
+        mean = out.float().mean(dim=(1, 2), keepdim=True)
+        scaled = out.float() * text_weights.unsqueeze(-1).float()
+        return (scaled * (mean / scaled.mean(dim=(1, 2), keepdim=True))).to(out.dtype)
 
 
 class AttentionPool(nn.Module):
@@ -281,7 +311,11 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         text_features: torch.Tensor,
         timesteps: TimestepsLike | None = None,
         attention_mask: torch.Tensor | None = None,
+        text_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``text_weights`` ([B, S], positive, 1 = unchanged): prompt emphasis, as an attention-logit bias
+        ``log(w)`` on those text tokens (:func:`weighted_key_bias` says why); None is exactly the unweighted
+        connector."""
         if text_features.ndim != 3 or text_features.shape[-1] != self.config.input_dim:
             raise ValueError(
                 f"text_features must be [batch, tokens, {self.config.input_dim}]; got {tuple(text_features.shape)}"
@@ -292,13 +326,20 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
                 f"attention_mask must be [batch, tokens] = {tuple(text_features.shape[:2])}; "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if text_weights is not None and tuple(text_weights.shape) != tuple(text_features.shape[:2]):
+            raise ValueError(
+                f"text_weights must be [batch, tokens] = {tuple(text_features.shape[:2])}; "
+                f"got {tuple(text_weights.shape)}"
+            )
         text_features = text_features.to(self.dtype)
         temb = None
         if self.timestep_aware:
             if timesteps is None:
                 raise ValueError("this connector is timestep-aware: pass the diffusion timestep(s)")
             temb = self.embed_timesteps(timesteps, batch, text_features.dtype)
-        return self.connector(text_features, temb, attention_mask)
+        if text_weights is None:
+            return self.connector(text_features, temb, attention_mask)
+        return self.connector(text_features, temb, attention_mask, text_weights.to(text_features.device))
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The pooled embedding ``[B, pooled_dim]`` of this connector's output tokens (SDXL's ``text_embeds``).

@@ -76,7 +76,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     llm_dtype: str | torch.dtype | None = None,
     scheduler: str | None = "dpm++",
-    max_length: int = 128,
+    max_length: int | None = 128,
     flexible: bool = False,
     hidden_layer: int | None = None,
     base_config: str | os.PathLike | None = None,

@@ -58,6 +58,9 @@ class SampleSettings:
     strength: float | None = None  # img2img / inpainting: 1.0 starts from pure noise, 0.3 keeps most of the image
     condition_mode: str = "ella"  # or "ella+clip": CLIP's 77 tokens beside ELLA's (trigger words, TI)
     batch_size: int = DEFAULT_BATCH  # images per pipeline call (may change the last bits of an image on GPU)
+    clip_prompt: str | None = None  # ella+clip: CLIP's own text (default: the prompt)
+    negative_clip_prompt: str | None = None
+    prompt_weights: bool = True  # A1111 (word:1.3) emphasis; False removes the markup, as before it existed
 
     def validate(self, prompts: int = 1) -> None:
         """The one place the sampling numbers are checked: finite, in range, before any model loads."""
@@ -79,6 +82,13 @@ class SampleSettings:
             raise EllaError(f"seed must be in [0, 2**64) with room for one seed per image; got {self.seed}")
         if self.strength is not None and not (math.isfinite(self.strength) and 0.0 < self.strength <= 1.0):
             raise EllaError(f"strength must be in (0, 1]; got {self.strength}")
+        named = (("clip-prompt", self.clip_prompt), ("negative-clip-prompt", self.negative_clip_prompt))
+        clip = [flag for flag, value in named if value is not None]
+        if clip and self.condition_mode != "ella+clip":
+            raise EllaError(
+                f"--{' and --'.join(clip)} feed the base's CLIP, which runs only with --mode ella+clip; "
+                "add --mode ella+clip or drop them"
+            )
 
 
 def call_parameters(pipe) -> set[str]:
@@ -187,6 +197,9 @@ def generate_to_dir(
         "height": settings.height,
         "strength": settings.strength,
         "condition_mode": settings.condition_mode,
+        "clip_prompt": settings.clip_prompt,
+        "negative_clip_prompt": settings.negative_clip_prompt,
+        "prompt_weights": None if settings.prompt_weights else False,
     }
     call = {k: v for k, v in call.items() if k in accepted and v is not None}
     for name, (image, _) in (inputs or {}).items():

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..errors import EllaError
 from ..io import atomic_path
+from ..prompts import literal
 from ..sample import versions
 from .data import item_sort_key
 
@@ -90,6 +91,8 @@ def generate_grids(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     call_kwargs = dict(call_kwargs or {})
+    if hasattr(pipe, "connector"):  # an ELLA pipeline parses A1111 markup; a benchmark's sentences are literal
+        prompts = {item_id: literal(text) for item_id, text in prompts.items()}
     seeds = [base_seed + k for k in range(TILES)]
     manifest = {
         "settings": {**settings, "tile_size": tile_size, "seeds": seeds, "call_kwargs": call_kwargs},

@@ -21,9 +21,12 @@ from diffusers import DiffusionPipeline
 
 from ..conditioning import ClipPart, ConditionFeed, ConditionTable, placeholder_embeds
 from ..errors import EllaError, InvalidArgumentError
-from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, encode_text, strip_prompt_weights
+from ..prompts import parse_weights
+from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, WeightSpans, encode_text
+from .clip import encode_clip
 from .fast import enable_fast_inference
 from .memory import enable_low_vram
+from .prompting import PromptPlan, plan_prompts
 
 #: Distinct negative prompts whose LLM features a fast pipeline keeps (one is the common case: "").
 MAX_CACHED_NEGATIVES = 8
@@ -45,7 +48,17 @@ ELLA_INIT_DEFAULTS = {
     "clip_first": True,
 }
 #: Per-call options our ``__call__`` accepts on top of the parent's (defaults: the pipeline config).
-CALL_OPTIONS = ("condition_mode", "clip_first", "clip_scale", "ella_scale")
+CALL_OPTIONS = (
+    "condition_mode",
+    "clip_first",
+    "clip_scale",
+    "ella_scale",
+    "clip_prompt",
+    "negative_clip_prompt",
+    "prompt_weights",
+)
+#: Options that only mean something in ``ella+clip`` mode.
+CLIP_OPTIONS = ("clip_scale", "ella_scale", "clip_prompt", "negative_clip_prompt")
 
 
 class EllaMixin:
@@ -57,6 +70,8 @@ class EllaMixin:
     """
 
     _ella_table: ConditionTable | None = None
+    _ella_plan: PromptPlan | None = None  # the current call's (read by SDXL for CLIP's pooled embedding)
+    _clip_pooled: torch.Tensor | None = None  # per CLIP row, SDXL
     _ella_fast = False  # set by enable_fast_inference
     _ella_feature_cache: ClassVar[dict] = {}  # replaced per pipeline on first use (see _encode_rows)
     _ella_feature_key: tuple | None = None
@@ -115,8 +130,9 @@ class EllaMixin:
                 f"{connector.config.input_dim}: use the LLM these ELLA weights were trained with"
             )
 
-    def encode_text(self, prompts: list[str]) -> TextFeatures:
-        """LLM features for ``prompts`` with the pipeline's length policy (``llm_max_length``/``llm_flexible``)."""
+    def encode_text(self, prompts: list[str], weights: list[WeightSpans] | None = None) -> TextFeatures:
+        """LLM features for ``prompts`` with the pipeline's length policy (``llm_max_length``/``llm_flexible``);
+        ``weights``: per prompt, emphasised character spans (:func:`ella.text.tokenize`)."""
         if self.llm is None or self.llm_tokenizer is None or self.connector is None:
             raise EllaError("this pipeline has no connector/llm/llm_tokenizer; load it with ella.load_pipeline(...)")
         trained = getattr(self.connector.config, "text_feature_dtype", None)
@@ -135,6 +151,7 @@ class EllaMixin:
             max_length=self.config.llm_max_length,
             flexible=self.config.llm_flexible,
             hidden_layer=self.config.llm_hidden_layer,
+            weights=weights if weights is not None and any(weights) else None,
         )
 
     def encode_prompt(
@@ -176,50 +193,90 @@ class EllaMixin:
                 )
 
         texts = prompts + (negatives if do_classifier_free_guidance else [])
-        unique = list(dict.fromkeys(texts))
-        dtype = self.connector.dtype
-        if len(unique) > _MAX_ROWS.get(dtype, 1 << 24):
-            raise EllaError(f"at most {_MAX_ROWS[dtype]} distinct prompts per call in {dtype}; split the batch")
-        clean = [strip_prompt_weights(t) for t in unique]
-        changed = [(a, b) for a, b in zip(unique, clean) if a != b]
-        if changed:
+        opts = self._ella_options
+        clip = self._clip_texts(prompts, negatives if do_classifier_free_guidance else [], opts)
+        plan = plan_prompts(texts, clip, weights=opts.get("prompt_weights", True))
+        if plan.stripped:
             warnings.warn(
-                f"prompt weights are not supported (an LLM reads words, not weights); removed the markup: "
-                f"{changed[0][0]!r} -> {changed[0][1]!r}",
+                f"prompt weights are off (prompt_weights=False): removed the markup: "
+                f"{plan.stripped[0]!r} -> {plan.stripped[1]!r}",
                 PromptWeightsWarning,
                 stacklevel=3,
             )
+        dtype = self.connector.dtype
+        slots = max(plan.slot_of) + 1
+        if max(slots, len(plan.llm_texts)) > _MAX_ROWS.get(dtype, 1 << 24):
+            raise EllaError(f"at most {_MAX_ROWS[dtype]} distinct prompts per call in {dtype}; split the batch")
+        cache_negatives = do_classifier_free_guidance and not plan.weighted
+        negative_rows = set(negatives) & set(plan.llm_texts) if cache_negatives else set()
         self._ella_table = ConditionTable(
             self.connector,
-            self._encode_rows(clean, {strip_prompt_weights(t) for t in texts[len(prompts) :]}),
+            self._encode_rows(plan.llm_texts, negative_rows, plan.llm_spans),
             timesteps=lambda: self.scheduler.timesteps,
-            clip=self._clip_part(clean, device, lora_scale, clip_skip),
+            clip=self._clip_part(plan, device, lora_scale, clip_skip),
             pooled=self._pooled_from_connector(),
+            schedule=plan.schedule,
+            run_from=lambda: getattr(self.scheduler, "begin_index", None),
         )
-        row = {text: i for i, text in enumerate(unique)}
+        self._ella_plan = plan
 
-        def embeds(strings):
-            rows = torch.tensor([row[s] for s in strings]).repeat_interleave(num_images_per_prompt)
+        def embeds(slot_ids):
+            rows = torch.tensor(slot_ids).repeat_interleave(num_images_per_prompt)
             return placeholder_embeds(rows, device).to(dtype)
 
-        return embeds(prompts), (embeds(negatives) if do_classifier_free_guidance else None)
+        n = len(prompts)
+        return embeds(plan.slot_of[:n]), (embeds(plan.slot_of[n:]) if do_classifier_free_guidance else None)
 
-    def _encode_rows(self, texts: list[str], negatives: set[str]) -> TextFeatures:
+    def _clip_texts(self, prompts: list[str], negatives: list[str], opts: dict) -> list[tuple[str, str | None]] | None:
+        """Per slot text (positives, then negatives): the CLIP prompt(s) in ``ella+clip`` mode, else None.
+
+        ``clip_prompt`` / ``negative_clip_prompt`` default to the LLM's prompt, as before they existed: the
+        authors' advice for trigger words is a neutral sentence for the LLM and the tags in the CLIP prompt.
+        SDXL's ``prompt_2`` / ``negative_prompt_2`` (set by its mixin) go to the second CLIP.
+        """
+        if opts.get("condition_mode", self.config.condition_mode) == "ella":
+            given = [k for k in CLIP_OPTIONS if opts.get(k) is not None] + [
+                k for k in ("prompt_2", "negative_prompt_2") if opts.get(k) is not None
+            ]
+            if given:
+                raise EllaError(
+                    f"{', '.join(given)} feed the base's CLIP in condition_mode='ella+clip'; this call runs in "
+                    "'ella' mode (pass condition_mode='ella+clip', or `--mode ella+clip` on the command line)"
+                )
+            return None
+
+        def per_prompt(value, default: list[str], name: str) -> list[str]:
+            if value is None:
+                return list(default)  # a copy: the caller extends it
+            values = [value] * len(default) if isinstance(value, str) else list(value)
+            if len(values) != len(default):
+                raise EllaError(f"got {len(values)} {name}s for {len(default)} prompts; pass one or one each")
+            return values
+
+        n = len(prompts)
+        first = per_prompt(opts.get("clip_prompt"), prompts, "clip_prompt")
+        first += per_prompt(opts.get("negative_clip_prompt"), negatives, "negative_clip_prompt") if negatives else []
+        second = per_prompt(opts.get("prompt_2"), [None] * n, "prompt_2")
+        second += per_prompt(opts.get("negative_prompt_2"), [None] * len(negatives), "negative_prompt_2")
+        return list(zip(first, second))
+
+    def _encode_rows(self, texts: list[str], negatives: set[str], weights: list[WeightSpans]) -> TextFeatures:
         """LLM features of the table's rows; in fast mode those of negative prompts come from a cache.
 
         The negative prompt is nearly always the same (``""`` unless the user sets one), so after the first
         call its encode is pure waste. Cached only under :meth:`enable_fast_inference` (batching it apart
-        from the positives changes fp16 rounding, which the default mode promises not to do) and only at
-        a fixed length (every row then has the same shape). The cache is dropped when the LLM, its dtype
-        or device, or the length policy change.
+        from the positives changes fp16 rounding, which the default mode promises not to do), only at
+        a fixed length (every row then has the same shape) and only without prompt weights. The cache is
+        dropped when the LLM, its dtype or device, or the length policy change.
         """
-        if not self._ella_fast or self.config.llm_flexible or not negatives:
-            return self.encode_text(texts)
+        flexible = self.config.llm_flexible or self.config.llm_max_length is None
+        if not self._ella_fast or flexible or not negatives or any(weights):
+            return self.encode_text(texts, weights)
         key = (id(self.llm), self.llm.dtype, self.llm.device, self.config.llm_max_length, self.config.llm_hidden_layer)
         if self._ella_feature_key != key:
             self._ella_feature_cache, self._ella_feature_key = {}, key
         cache = self._ella_feature_cache
-        todo = [t for t in texts if t not in cache]
+        todo = list(dict.fromkeys(t for t in texts if t not in cache))
         rows = dict(zip(todo, self.encode_text(todo).hidden_states.split(1))) if todo else {}
         for text in todo:
             if text in negatives and len(cache) < MAX_CACHED_NEGATIVES:
@@ -234,23 +291,28 @@ class EllaMixin:
         """Only the running model on the accelerator (see :func:`ella.pipelines.memory.enable_low_vram`)."""
         enable_low_vram(self, llm_device=llm_device, device=device, vae_tiling=vae_tiling)
 
-    def _clip_part(self, texts: list[str], device, lora_scale, clip_skip) -> ClipPart | None:
-        """In ``ella+clip`` mode, the base's CLIP embeddings of ``texts`` (textual inversions and LoRA included)."""
+    def _clip_part(self, plan: PromptPlan, device, lora_scale, clip_skip) -> ClipPart | None:
+        """In ``ella+clip`` mode, the base's CLIP embeddings of the plan's CLIP rows (textual inversions, LoRA
+        scale, clip skip, emphasis weights, and prompts past 75 tokens in further 77-token windows)."""
         opts = self._ella_options
-        mode = opts.get("condition_mode", self.config.condition_mode)
-        if mode == "ella":
-            if opts.get("clip_scale") is not None or opts.get("ella_scale") is not None:
-                raise EllaError(
-                    "clip_scale/ella_scale weigh the parts of condition_mode='ella+clip'; this call runs in 'ella' mode"
-                )
+        if not plan.clip_rows:
             return None
-        if getattr(self, "text_encoder", None) is None or getattr(self, "tokenizer", None) is None:
+        if getattr(self, "text_encoder", None) is None and getattr(self, "text_encoder_2", None) is None:
             raise EllaError(
                 "condition_mode='ella+clip' needs the base model's CLIP text_encoder and tokenizer; "
                 "load with ella.load_pipeline(..., mode='ella+clip') or `ella generate --mode ella+clip`"
             )
+        embeds, pooled, _ = encode_clip(
+            self,
+            [first for first, _ in plan.clip_rows],
+            device,
+            rows_2=[second for _, second in plan.clip_rows],
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        self._clip_pooled = pooled
         return ClipPart(
-            self.clip_embeds(texts, device, lora_scale, clip_skip),
+            embeds,
             clip_first=opts.get("clip_first", self.config.clip_first),
             clip_scale=1.0 if opts.get("clip_scale") is None else float(opts["clip_scale"]),
             ella_scale=1.0 if opts.get("ella_scale") is None else float(opts["ella_scale"]),
@@ -261,8 +323,11 @@ class EllaMixin:
         return False
 
     def clip_embeds(self, texts: list[str], device, lora_scale=None, clip_skip=None) -> torch.Tensor:
-        """``[len(texts), 77, width]``: the parent pipeline's own CLIP encoding (TI tokens, LoRA scale, clip skip)."""
-        embeds, _ = super().encode_prompt(texts, device, 1, False, lora_scale=lora_scale, clip_skip=clip_skip)
+        """``[len(texts), 77 * windows, width]``: the base's CLIP encoding of ``texts`` as ``ella+clip`` uses it
+        (emphasis markup parsed; long texts in further windows). Identical to the parent pipeline's
+        ``encode_prompt`` for a plain text under 76 tokens."""
+        rows = [parse_weights(t) for t in texts]
+        embeds, _, _ = encode_clip(self, rows, device, lora_scale=lora_scale, clip_skip=clip_skip)
         return embeds
 
     @torch.no_grad()
@@ -278,6 +343,9 @@ class EllaMixin:
         Arguments are checked first (:func:`check_call_arguments`).
         """
         options = {k: kwargs.pop(k) for k in CALL_OPTIONS if k in kwargs}
+        for k in ("prompt_2", "negative_prompt_2"):  # SDXL: its mixin routes them to the second CLIP
+            if kwargs.get(k) is not None:
+                options[k] = kwargs[k]
         parent_call = super().__call__
         check_call_arguments(self, parent_call, args, kwargs, options)
         if "condition_mode" in options:
@@ -289,6 +357,7 @@ class EllaMixin:
                 return parent_call(*args, **kwargs)
         finally:
             self._ella_table = None
+            self._ella_plan = None
             self._ella_options = {}
 
 
@@ -319,7 +388,7 @@ def check_call_arguments(pipe, parent_call, args: tuple, kwargs: dict, options: 
     prompt = given.get("prompt")
     if prompt is None and given.get("prompt_embeds") is None:
         raise InvalidArgumentError("no prompt: pass the text to draw, a string or a list of strings")
-    for name in ("prompt", "negative_prompt"):
+    for name in ("prompt", "negative_prompt", "clip_prompt", "negative_clip_prompt", "prompt_2", "negative_prompt_2"):
         value = given.get(name)
         if value is None or isinstance(value, str):
             continue
@@ -328,6 +397,8 @@ def check_call_arguments(pipe, parent_call, args: tuple, kwargs: dict, options: 
         odd = [type(p).__name__ for p in value if not isinstance(p, str)]
         if odd:
             raise InvalidArgumentError(f"{name} must be a string or a list of strings; got a list holding {odd[0]}")
+    if given.get("prompt_weights") is not None and not isinstance(given["prompt_weights"], bool):
+        raise InvalidArgumentError(f"prompt_weights must be True or False; got {given['prompt_weights']!r}")
     if prompt == []:
         raise InvalidArgumentError("prompt is an empty list: give at least one prompt")
     for name in ("height", "width", "num_inference_steps", "num_images_per_prompt"):

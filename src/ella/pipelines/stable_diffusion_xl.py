@@ -6,10 +6,11 @@ embedding of those same tokens as ``added_cond_kwargs["text_embeds"]`` — exact
 trained with (``ella.train.train.diffusion_loss``). ``time_ids`` (original size, crop, target) are
 diffusers' own.
 
-In ``ella+clip`` mode the UNet also gets the two CLIPs' 77 tokens (768 + 1280 = 2048-d, diffusers'
-own SDXL encoding, so LoRA trigger words and textual inversions work); the pooled embedding still
-comes from the connector when it has a pooling head, else from CLIP (``text_encoder_2``'s
-projection, what SDXL was trained with). Without a pooling head, ``ella`` mode has no pooled
+In ``ella+clip`` mode the UNet also gets the two CLIPs' 77 tokens (768 + 1280 = 2048-d, encoded as
+diffusers' SDXL pipeline does, so LoRA trigger words and textual inversions work; ``prompt_2`` is the
+second CLIP's text); the pooled embedding still comes from the connector when it has a pooling head,
+else from CLIP (``text_encoder_2``'s projection, what SDXL was trained with; with prompt editing, of
+the text active at the first step). Without a pooling head, ``ella`` mode has no pooled
 embedding to give and says so.
 """
 
@@ -37,20 +38,6 @@ class EllaXLMixin(EllaMixin):
     def _pooled_from_connector(self) -> bool:
         return getattr(self.connector.config, "pooled_dim", None) is not None
 
-    def clip_embeds(self, texts, device, lora_scale=None, clip_skip=None) -> torch.Tensor:
-        """Both CLIPs' tokens, concatenated by diffusers (``[rows, 77, 2048]``); keeps their pooled output too."""
-        embeds, _, pooled, _ = StableDiffusionXLPipeline.encode_prompt(
-            self,
-            texts,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            lora_scale=lora_scale,
-            clip_skip=clip_skip,
-        )
-        self._clip_pooled = pooled
-        return embeds
-
     def encode_prompt(
         self,
         prompt,
@@ -67,11 +54,8 @@ class EllaXLMixin(EllaMixin):
         lora_scale=None,
         clip_skip=None,
     ):
-        if prompt_2 is not None or negative_prompt_2 is not None:
-            raise EllaError(
-                "ELLA pipelines read `prompt` / `negative_prompt` (the LLM sees one text); "
-                "drop prompt_2 / negative_prompt_2"
-            )
+        # prompt_2 / negative_prompt_2: read from the call's options by EllaMixin (the second CLIP's text in
+        # ella+clip mode; refused in ella mode, where no CLIP runs)
         if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
             raise EllaError("ELLA pipelines compute the pooled embedding; pass text, not pooled_prompt_embeds")
         self._clip_pooled = None
@@ -102,7 +86,8 @@ class EllaXLMixin(EllaMixin):
                 "use condition_mode='ella+clip' (CLIP's pooled embedding) or a connector trained "
                 "with pooled_dim"
             )
-        return self._clip_pooled[placeholder_rows(placeholder)].to(placeholder.dtype)
+        rows = self._ella_plan.first_clip_rows()[placeholder_rows(placeholder).cpu()]
+        return self._clip_pooled[rows.to(self._clip_pooled.device)].to(placeholder.dtype)
 
 
 class EllaStableDiffusionXLPipeline(EllaXLMixin, EllaOffloadMixin, StableDiffusionXLPipeline):

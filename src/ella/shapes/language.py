@@ -59,6 +59,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..prompts import parse_weights, plain_text, prompt_variants
 from .world import BACKGROUNDS, COLOURS, COLS, PLURALS, SHAPES, SIZES
 
 Cell = tuple[int, int]
@@ -479,10 +480,12 @@ def unknown_words(prompt: str) -> list[str]:
     "a pink star and a black horse" -> ["pink", "star", "horse"]: the shipped model has never seen
     them, so it can only guess. Function words ("a", "the", "with" …) are never reported.
     """
+
     out: list[str] = []
-    for w in words(prompt):
-        if w not in VOCABULARY and w not in FUNCTION_WORDS and w not in out:
-            out.append(w)
+    for variant in prompt_variants(prompt):  # what the LLM reads: A1111 editing and emphasis resolved
+        for w in words(plain_text(parse_weights(variant))):
+            if w not in VOCABULARY and w not in FUNCTION_WORDS and w not in out:
+                out.append(w)
     return out
 
 
