@@ -129,6 +129,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     add_bench_parser(sub)
     add_train_parsers(sub)
+    add_serve_parser(sub)
     command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
     for name, summary in SHAPES_COMMANDS.items():
         shapes_parser = sub.add_parser(name, help=summary)
@@ -281,6 +282,87 @@ def add_train_parsers(sub) -> None:
     cache.add_argument("--device", default=None)
     cache.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), bfloat16, float32")
     cache.add_argument("--seed", type=int, default=0, help="seeds random crops/flips (fixed once cached)")
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="a web app (gradio) for generating: offline with the shipped shapes model by default",
+        description="Starts a gradio app on --host:--port. With no --base/--ella/--llm it serves the real SD1.5 "
+        "models when they are in the HF cache, else the shapes model shipped in the package. Needs the [serve] "
+        "extra. Scripts call its /generate endpoint with gradio_client.",
+    )
+    serve.add_argument("--model", default=None, help="'shapes' or a shapes model dir (default: see above)")
+    serve.add_argument("--base", default=None, help=f"diffusers dir or hub id (real models; default {DEFAULT_BASE})")
+    serve.add_argument("--ella", default=None, help=f"ELLA weights (default {DEFAULT_ELLA_REPO})")
+    serve.add_argument("--llm", default=None, help=f"the LLM (default {DEFAULT_LLM})")
+    serve.add_argument("--controlnet", default=None, help="a diffusers ControlNet, offered as an input on the page")
+    serve.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available; shapes: cpu)")
+    serve.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--out", default="ella-serve-out", help="where images + sidecars are written (a folder each)")
+    serve.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA the page can switch on per request (repeatable; real models)",
+    )
+    serve.add_argument("--fast", action="store_true", help="compiled inference (see ella generate --fast)")
+    serve.add_argument("--low-vram", action="store_true", help="only the running model on the GPU")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Everything is checked before any model loads; then the server runs until Ctrl-C / SIGTERM."""
+    import importlib.util
+
+    from .devices import check_device
+    from .hub import DEFAULT_ELLA_FILE, in_cache
+    from .sample import check_out_dir
+
+    if importlib.util.find_spec("gradio") is None:
+        raise EllaError("ella serve needs gradio: pip install 'ella-diffusion[serve]'")
+    if not 1 <= args.port <= 65535:
+        raise EllaError(f"--port must be in 1..65535; got {args.port}")
+    if args.fast and args.low_vram:
+        raise EllaError("--fast and --low-vram do not combine (see ella generate --help)")
+    if args.fast and args.lora:
+        raise EllaError("--fast fuses the attention weights, so LoRAs could not be switched per request; drop one")
+    from .sample import check_loras
+
+    check_loras(args.lora)
+    real = [args.base, args.ella, args.llm]
+    if args.model is not None and any(real):
+        raise EllaError("--model replaces --base/--ella/--llm; give one or the other")
+    check_device(args.device)
+    check_out_dir(args.out)
+    model = args.model
+    if model is None and not any(real):
+        cached = (
+            in_cache(DEFAULT_BASE, "model_index.json")
+            and in_cache(f"{DEFAULT_ELLA_REPO}/{DEFAULT_ELLA_FILE}", DEFAULT_ELLA_FILE)
+            and in_cache(DEFAULT_LLM, "config.json")
+        )
+        model = None if cached else "shapes"
+    from .serve.app import serve
+    from .serve.backend import Backend
+
+    backend = Backend(
+        model=model,
+        base=args.base or DEFAULT_BASE,
+        ella=args.ella or DEFAULT_ELLA_REPO,
+        llm=args.llm or DEFAULT_LLM,
+        device=args.device,
+        dtype=args.dtype,
+        out=args.out,
+        controlnet=args.controlnet,
+        loras=args.lora,
+        fast=args.fast,
+        low_vram=args.low_vram,
+    )
+    serve(backend, host=args.host, port=args.port)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -456,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             from .shapes.cli import run
 
             return run(args)
-        commands = {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache}
+        commands = {"generate": cmd_generate, "train": cmd_train, "cache": cmd_cache, "serve": cmd_serve}
         return commands[args.command](args)
     except EllaError as err:
         print(f"ella: error: {err}", file=sys.stderr)

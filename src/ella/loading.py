@@ -7,6 +7,7 @@ refuses mismatches before the big downloads load.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .hub import (
 )
 from .llm import check_hidden_layer, check_quantization, is_single_file, load_llm
 from .pipelines import PIPELINE_KINDS, PIPELINE_KINDS_XL, check_mode
+from .pipelines.base import ELLA_COMPONENTS, ELLA_INIT_DEFAULTS
 from .schedulers import make_scheduler
 
 
@@ -184,3 +186,23 @@ def load_plain_pipeline(
         dtype=dtype,
     )
     return pipe.to(device)
+
+
+def as_kind(pipe, kind: str):
+    """The same loaded models as another pipeline kind (``img2img``, ``inpaint``, ...): no weights are copied or
+    reloaded, so a server can offer every kind the base supports from one load."""
+    xl = getattr(pipe.connector.config, "pooled_dim", None) is not None
+    kinds = PIPELINE_KINDS_XL if xl else PIPELINE_KINDS
+    if kind not in kinds:
+        raise EllaError(f"pipeline kind {kind!r} is not available here; use one of {', '.join(kinds)}")
+    cls = kinds[kind]
+    if isinstance(pipe, cls):
+        return pipe
+    accepted = inspect.signature(cls.__init__).parameters
+    parts = {k: v for k, v in pipe.components.items() if k in accepted}
+    if kind.startswith("controlnet") and parts.get("controlnet") is None:
+        raise EllaError(f"pipeline kind {kind!r} needs a ControlNet: load one with controlnet=... (--controlnet)")
+    options = {k: pipe.config[k] for k in ELLA_INIT_DEFAULTS if k not in ELLA_COMPONENTS and k in pipe.config}
+    sibling = cls(**parts, **options)
+    sibling.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return sibling

@@ -168,13 +168,15 @@ def generate_to_dir(
     sources: dict,
     inputs: dict | None = None,
     on_saved: Callable[[Path], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Generate ``num_images`` per prompt; write ``NNN-<slug>-seed<S>.png`` + ``.json`` as each batch finishes.
 
     ``sources`` names the models (base/ella/llm as given) for the sidecar; ``inputs`` are extra
     ``__call__`` arguments by the pipeline's own names (``image``, ``mask_image``,
     ``control_image``), each ``(PIL image, path)``, the path recorded in the sidecar. ``on_saved`` is
-    called with each PNG's path as soon as it is on disk (the CLI prints it: progress that survives Ctrl-C).
+    called with each PNG's path as soon as it is on disk (the CLI prints it: progress that survives Ctrl-C);
+    ``on_step(done, total)`` after every denoising step of every batch (``ella serve``'s progress bar).
     """
     settings.validate(len(prompts))
     out_dir = check_out_dir(out_dir, len(prompts) * settings.num_images, settings.width, settings.height)
@@ -204,6 +206,16 @@ def generate_to_dir(
     call = {k: v for k, v in call.items() if k in accepted and v is not None}
     for name, (image, _) in (inputs or {}).items():
         call[name] = image
+    batches = -(-len(prompts) * settings.num_images // settings.batch_size)
+    done = [0]
+
+    def step_end(_pipe, _step, _t, tensors):  # diffusers' callback_on_step_end: must hand the tensors back
+        done[0] += 1
+        on_step(done[0], batches * max(1, _pipe.num_timesteps))
+        return tensors
+
+    if on_step is not None and "callback_on_step_end" in accepted:
+        call["callback_on_step_end"] = step_end
     jobs = [
         (prompt, settings.seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(settings.num_images))
     ]
