@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -86,8 +87,9 @@ def captured(monkeypatch):
     return seen
 
 
-def eval_loss(cfg: TrainConfig, connector_path: Path | None, folder: Path) -> float:
-    """Fixed-noise loss over the whole (tiny) set: comparable before and after training."""
+def eval_loss(cfg: TrainConfig, connector_path: Path | None, folder: Path, unet=None) -> float:
+    """Fixed-noise loss over the whole (tiny) set: comparable before and after training (``unet``: instead of the
+    base's own, e.g. one with a trained LoRA)."""
     from ella import TimestepAwareSemanticConnector
     from ella.train.data import Augment, open_dataset
     from ella.train.models import load_frozen, make_connector, read_dims
@@ -96,7 +98,8 @@ def eval_loss(cfg: TrainConfig, connector_path: Path | None, folder: Path) -> fl
     connector = (
         TimestepAwareSemanticConnector.from_single_file(connector_path) if connector_path else make_connector(cfg, dims)
     )
-    unet, vae, llm, tok, sched = load_frozen(cfg, torch.float32, "cpu", need_vae=True, need_llm=True)
+    base_unet, vae, llm, tok, sched = load_frozen(cfg, torch.float32, "cpu", need_vae=True, need_llm=True)
+    unet = base_unet if unet is None else unet
     data = open_dataset(str(folder), Augment(resolution=cfg.resolution, center_crop=True, caption_dropout=0.0))
     batch = train_mod.TokenizingCollate(tok, cfg)([data[i] for i in range(len(data))])
     g = torch.Generator().manual_seed(0)
@@ -674,3 +677,156 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_unet_lora_under_a_frozen_connector_learns_and_loads_into_a_pipeline(tiny_sd, tiny_t5, folder, tmp_path):
+    """--train_unet_lora with --freeze_connector: the loss falls, only the LoRA changes, the exported file is a
+    diffusers LoRA that changes an ELLA pipeline's image, and unloading it gives the image back."""
+    from ella import load_pipeline
+    from ella.train.models import make_connector, read_dims
+
+    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", max_train_steps=30, learning_rate=1e-2)
+    cfg.caption_dropout, cfg.checkpointing_steps = 0.0, 15
+    torch.manual_seed(cfg.seed)
+    init = tmp_path / "init.safetensors"
+    make_connector(cfg, read_dims(cfg, None)).save_single_file(init)
+    cfg.init_connector, cfg.train_unet_lora, cfg.freeze_connector = str(init), 4, True
+    out = train_mod.main(cfg)
+
+    assert load_file(out / "ella.safetensors").keys() == load_file(init).keys()
+    assert all(torch.equal(load_file(out / "ella.safetensors")[k], v) for k, v in load_file(init).items())
+    lora = out / "pytorch_lora_weights.safetensors"
+    assert lora.is_file() and (out / "checkpoint-15" / "unet_lora.safetensors").is_file()
+    assert not any(p.name.startswith("model") and p.stat().st_size > 1e6 for p in (out / "checkpoint-15").iterdir())
+    assert json.loads((out / "training.json").read_text())["unet_lora_rank"] == 4
+
+    pipe = load_pipeline(tiny_sd, init, tiny_t5, device="cpu", dtype="float32")
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a red cat", generator=g, num_inference_steps=3, height=64, width=64, output_type="np").images
+
+    plain = image()
+    pipe.load_lora_weights(str(out))
+    with_lora = image()
+    pipe.unload_lora_weights()
+    assert np.abs(with_lora - plain).max() > 1e-3
+    assert np.array_equal(image(), plain)
+
+    # the loss under the trained LoRA is lower than without it, on the same noise
+    from ella.train.models import load_frozen
+
+    unet, *_ = load_frozen(cfg, torch.float32, "cpu", need_vae=False, need_llm=False)
+    before = eval_loss(cfg, init, folder)
+    unet.load_lora_adapter(str(lora), prefix="unet")
+    assert eval_loss(cfg, init, folder, unet=unet) < before
+
+
+def test_freeze_connector_needs_a_lora_and_a_given_connector(tiny_sd, tiny_t5, folder, tmp_path):
+    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run")
+    cfg.freeze_connector = True
+    with pytest.raises(EllaError, match="--freeze_connector trains only a UNet LoRA"):
+        train_mod.main(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_unet_lora_run_resumes_to_the_same_lora(tiny_sd, tiny_t5, folder, tmp_path):
+    """Checkpoints keep the LoRA (not the whole UNet); resuming from one reaches the uninterrupted run's LoRA."""
+    import shutil
+
+    def cfg_for(out: Path) -> TrainConfig:
+        cfg = tiny_config(tiny_sd, tiny_t5, folder, out, max_train_steps=8, learning_rate=1e-2)
+        cfg.checkpointing_steps, cfg.train_unet_lora = 4, 2
+        return cfg
+
+    whole = train_mod.main(cfg_for(tmp_path / "whole"))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(whole / "checkpoint-4", resumed_dir / "checkpoint-4")
+    cfg = cfg_for(resumed_dir)
+    cfg.resume_from_checkpoint = "latest"
+    resumed = train_mod.main(cfg)
+    lora = "pytorch_lora_weights.safetensors"
+    a, b = load_file(whole / lora), load_file(resumed / lora)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c, d = load_file(whole / "ella.safetensors"), load_file(resumed / "ella.safetensors")
+    assert all(torch.equal(c[k], d[k]) for k in c)  # the connector trained jointly, and resumed exactly too
+
+
+def test_ella_clip_training_joins_clip_first_and_clip_dropout_is_ella_mode(
+    tiny_sd, tiny_t5, folder, tmp_path, monkeypatch
+):
+    """--condition_mode ella+clip: every UNet call gets CLIP's 77 tokens then the connector's, as the pipeline joins
+    them; a dropped sample's CLIP keys are masked, which gives the UNet exactly what `ella` mode gives it."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states=None, **kw):
+        seen.append((encoder_hidden_states.detach().clone(), kw.get("encoder_attention_mask")))
+        return forward(self, sample, timestep, encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", max_train_steps=6)
+    cfg.condition_mode, cfg.clip_dropout = "ella+clip", 0.5
+    out = train_mod.main(cfg)
+    assert (out / "ella.safetensors").is_file()
+    from transformers import CLIPTokenizer
+
+    latents, n = cfg.connector_num_latents, CLIPTokenizer.from_pretrained(tiny_sd / "tokenizer").model_max_length
+    assert seen and all(tokens.shape[1] == n + latents for tokens, _ in seen)
+    masks = torch.cat([m for _, m in seen])
+    assert set(masks[:, :n].unique().tolist()) == {0.0, 1.0}  # both kept and dropped CLIP parts occurred
+    assert (masks[:, n:] == 1).all() and (masks[:, :n] == masks[:, :1]).all()  # the whole CLIP part, per sample
+
+    # a dropped sample is ella mode: CLIP keys masked out == no CLIP keys at all
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    torch.manual_seed(0)
+    x, ella = torch.randn(2, 4, 8, 8), torch.randn(2, latents, unet.config.cross_attention_dim)
+    clip = torch.randn(2, n, unet.config.cross_attention_dim)
+    mask = torch.cat([torch.zeros(2, n), torch.ones(2, latents)], dim=1)
+    with torch.no_grad():
+        joined = unet(x, 500, torch.cat([clip, ella], 1), encoder_attention_mask=mask).sample
+        alone = unet(x, 500, ella).sample
+    assert torch.allclose(joined, alone, atol=1e-5)
+
+
+def test_ella_clip_training_refuses_a_bad_mode(tiny_sd, tiny_t5, folder, tmp_path):
+    with pytest.raises(EllaError, match="--condition_mode must be ella or ella\\+clip"):
+        tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", condition_mode="clip")
+
+
+def test_several_llm_layers_train_and_the_pipeline_reads_the_same_ones(tiny_sd, tiny_t5, folder, tmp_path):
+    """--llm_layers -1 -2: the connector reads both layers' states side by side, records them in its config, and
+    load_pipeline makes the pipeline read those layers (the UNet's condition equals the connector on them)."""
+    from ella import load_pipeline
+    from ella.text import encode_text
+
+    cfg = tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", llm_layers=[-1, -2])
+    out = train_mod.main(cfg)
+    pipe = load_pipeline(tiny_sd, out / "ella.safetensors", tiny_t5, device="cpu", dtype="float32")
+    assert pipe.connector.config.llm_layers == [-1, -2] and pipe.config.llm_hidden_layer == [-1, -2]
+    assert pipe.connector.config.input_dim == 2 * pipe.llm.config.d_model
+    with torch.no_grad():
+        ids = pipe.llm_tokenizer(["a red cat"], padding="max_length", max_length=16, return_tensors="pt")
+        states = pipe.llm(**ids, output_hidden_states=True).hidden_states
+        feats = encode_text(pipe.llm, pipe.llm_tokenizer, ["a red cat"], max_length=16, hidden_layer=[-1, -2])
+    assert torch.equal(feats.hidden_states, torch.cat([states[-1], states[-2]], dim=-1))
+    seen = []
+    pipe.unet.register_forward_hook(lambda m, a, k, o: seen.append(k["encoder_hidden_states"]), with_kwargs=True)
+    pipe.register_to_config(llm_max_length=16)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a red cat", num_inference_steps=2, height=64, width=64, guidance_scale=1.0, output_type="np")
+    assert torch.allclose(seen[0], pipe.connector(feats.hidden_states, pipe.scheduler.timesteps[0]), atol=1e-5)
+    with pytest.raises(EllaError, match="trained on LLM layers"):
+        load_pipeline(tiny_sd, out / "ella.safetensors", tiny_t5, device="cpu", dtype="float32", hidden_layer=-1)
+
+
+def test_llm_layers_need_two_layers_and_no_cached_features(tiny_sd, tiny_t5, folder, tmp_path):
+    with pytest.raises(EllaError, match="two or more layers"):
+        tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", llm_layers=[-1])
+    with pytest.raises(EllaError, match="not both flags"):
+        tiny_config(tiny_sd, tiny_t5, folder, tmp_path / "run", llm_layers=[-1, -2], llm_hidden_layer=-1)

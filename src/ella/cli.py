@@ -175,7 +175,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="quantise the LLM's weights as they load: int8/fp8 (torchao) or nf4 (bitsandbytes); "
         "needs ella-diffusion[quant]",
     )
-    p.add_argument("--llm-layer", type=int, default=None, help="hidden layer to read (default: the last)")
+    p.add_argument(
+        "--llm-layer",
+        type=llm_layers_value,
+        default=None,
+        help="hidden layer(s) to read: -2, or -1,-6,-12 (concatenated; default: the last, or the connector's own)",
+    )
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", help="auto (fp16 on CUDA, fp32 on CPU; the default), float16, bfloat16, float32")
     length = p.add_mutually_exclusive_group()
@@ -186,6 +191,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     length.add_argument("--flexible", action="store_true", help="flexible mode: each prompt at its own length")
     p.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name (default: dpm++)")
+
+
+def llm_layers_value(text: str) -> int | list[int]:
+    """``--llm-layer``: one layer index, or several separated by commas (their states concatenated)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer index or a comma-separated list, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def max_length_value(text: str) -> int | str:

@@ -250,6 +250,9 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
     ``mlp`` (per-token MLP, output length = text length).
     ``text_feature_dtype`` records the dtype of the LLM features the weights were trained on
     (``"float16"`` for the release), so a pipeline can warn when fed another.
+    ``llm_layers`` records which hidden layers of the LLM the connector was trained on when it read several
+    (their states concatenated; ``input_dim`` is then that many times the LLM's width), so a pipeline reads the
+    same ones; None: the layer the pipeline is told (the last by default), as for the release.
     ``pooled_dim`` adds the :class:`AttentionPool` head (``pool(tokens)``) that SDXL-style UNets
     need for their pooled text embedding; it is None for SD1.5-style UNets and the release.
     """
@@ -270,6 +273,7 @@ class TimestepAwareSemanticConnector(ModelMixin, ConfigMixin):
         act_fn: str = "silu",
         text_feature_dtype: str | None = None,
         pooled_dim: int | None = None,
+        llm_layers: list[int] | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:

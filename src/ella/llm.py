@@ -369,18 +369,28 @@ def load_llm(
     return model.to(device), tok
 
 
-def check_hidden_layer(name_or_path: str | os.PathLike, hidden_layer: int | None) -> None:
-    """Refuse a ``hidden_layer`` the LLM doesn't have, from its config alone (before loading gigabytes).
+def check_hidden_layer(name_or_path: str | os.PathLike, hidden_layer: int | Sequence[int] | None) -> None:
+    """Refuse a ``hidden_layer`` (or list of them) the LLM doesn't have, from its config alone (before loading
+    gigabytes).
 
     ``output_hidden_states`` gives the embeddings plus one state per layer: ``n + 1`` entries,
     indexable from ``-(n + 1)`` to ``n``.
     """
     if hidden_layer is None:
         return
+    wanted = list(hidden_layer) if isinstance(hidden_layer, Sequence) else [hidden_layer]
+    if not wanted or any(isinstance(i, bool) or not isinstance(i, int) for i in wanted):
+        raise EllaError(f"--llm-layer must be one or more layer indices (e.g. -1 or -1,-6,-12); got {hidden_layer!r}")
     config = llm_config(name_or_path)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
-    if layers is not None and not -(layers + 1) <= hidden_layer <= layers:
-        raise EllaError(
-            f"--llm-layer {hidden_layer}: {name_or_path} has {layers} layers, so its hidden states are indexed "
-            f"{-(layers + 1)}..{layers} (0 = the embeddings, {layers} or -1 = the last layer)"
-        )
+    if layers is None:
+        return
+    positions = [i % (layers + 1) for i in wanted if -(layers + 1) <= i <= layers]
+    for i in wanted:
+        if not -(layers + 1) <= i <= layers:
+            raise EllaError(
+                f"--llm-layer {i}: {name_or_path} has {layers} layers, so its hidden states are indexed "
+                f"{-(layers + 1)}..{layers} (0 = the embeddings, {layers} or -1 = the last layer)"
+            )
+    if len(set(positions)) != len(positions):
+        raise EllaError(f"--llm-layer {hidden_layer}: a layer is named twice (-1 and {layers} are the same layer)")

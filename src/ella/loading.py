@@ -80,7 +80,7 @@ def load_pipeline(
     scheduler: str | None = "dpm++",
     max_length: int | None = 128,
     flexible: bool = False,
-    hidden_layer: int | None = None,
+    hidden_layer: int | list[int] | None = None,
     base_config: str | os.PathLike | None = None,
     kind: str = "txt2img",
     mode: str = "ella",
@@ -128,10 +128,20 @@ def load_pipeline(
     )
     if str(base).endswith(SINGLE_FILE_SUFFIXES):  # a missing config fails now, not after loading the LLM
         base_config = base_config_dir(base, base_config)
-    check_hidden_layer(llm, hidden_layer)
+    check_hidden_layer(llm, hidden_layer)  # (a connector trained on several layers names them: read below)
     # The release ran T5 in fp16 on GPU and was trained on those features; CPU falls back to fp32.
     llm_dtype = resolve_dtype(llm_dtype, device)
     connector = load_connector(ella, torch_dtype=dtype)
+    trained_layers = list(getattr(connector.config, "llm_layers", None) or [])
+    asked = hidden_layer if isinstance(hidden_layer, list) else [hidden_layer]
+    if trained_layers and hidden_layer is None:  # read the layers it was trained on
+        hidden_layer = trained_layers
+        check_hidden_layer(llm, hidden_layer)
+    elif trained_layers and trained_layers != asked:
+        raise EllaError(
+            f"these ELLA weights were trained on LLM layers {list(trained_layers)}; --llm-layer {hidden_layer} "
+            "reads others: drop --llm-layer"
+        )
     llm_model, llm_tokenizer = load_llm(
         llm, dtype=llm_dtype, device=device, quantization=llm_quantization, tokenizer=llm_tokenizer
     )
@@ -143,6 +153,7 @@ def load_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
         condition_mode=mode,
+        llm_hidden_layer=hidden_layer,  # at construction: the compatibility check reads it (several layers: wider)
         dtype=dtype,
     )
     # A connector with a pooling head was trained for an SDXL-style UNet (pooled text embedding + time ids).

@@ -169,15 +169,34 @@ def warn_truncated(prompts: Sequence[str], tokens: Tokens, max_length: int | Non
             )
 
 
+#: Which hidden states to read: None (the last layer), one index, or several (their states concatenated).
+Layers = int | Sequence[int] | None
+
+
+def layer_count(hidden_layer: Layers) -> int:
+    """How many layers' states the features concatenate (their width is this times the LLM's hidden size)."""
+    return len(hidden_layer) if isinstance(hidden_layer, Sequence) else 1
+
+
 @torch.no_grad()
-def encode_tokens(model, tokens: Tokens, *, flexible: bool = False, hidden_layer: int | None = None) -> TextFeatures:
-    """:class:`Tokens` -> :class:`TextFeatures`, on the device the model computes on (its hooks' under offload)."""
+def encode_tokens(model, tokens: Tokens, *, flexible: bool = False, hidden_layer: Layers = None) -> TextFeatures:
+    """:class:`Tokens` -> :class:`TextFeatures`, on the device the model computes on (its hooks' under offload).
+
+    Several layers (``hidden_layer=[-1, -6, -12]``, as Playground v3 and Lumina read their LLMs) are concatenated
+    along the feature dimension: the connector's input projection then learns its own mix of them, per channel,
+    which contains any weighted sum of the layers as a special case.
+    """
     device = compute_device(model)
     mask = tokens.attention_mask.to(device)
     out = model(
         input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=hidden_layer is not None
     )
-    states = out.last_hidden_state if hidden_layer is None else out.hidden_states[hidden_layer]
+    if hidden_layer is None:
+        states = out.last_hidden_state
+    elif isinstance(hidden_layer, Sequence):
+        states = torch.cat([out.hidden_states[i] for i in hidden_layer], dim=-1)
+    else:
+        states = out.hidden_states[hidden_layer]
     weights = None if tokens.weights is None else tokens.weights.to(device)
     return TextFeatures(states, mask if flexible else None, weights)
 
@@ -189,7 +208,7 @@ def encode_text(
     *,
     max_length: int | None = DEFAULT_MAX_LENGTH,
     flexible: bool = False,
-    hidden_layer: int | None = None,
+    hidden_layer: Layers = None,
     weights: Sequence[WeightSpans] | None = None,
 ) -> TextFeatures:
     """Prompts -> :class:`TextFeatures` (fixed: ``[B, max_length, D]``, no mask; flexible: padded + mask).

@@ -22,7 +22,7 @@ from diffusers import DiffusionPipeline
 from ..conditioning import ClipPart, ConditionFeed, ConditionTable, placeholder_embeds
 from ..errors import EllaError, InvalidArgumentError
 from ..prompts import parse_weights
-from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, WeightSpans, encode_text
+from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, WeightSpans, encode_text, layer_count
 from .clip import encode_clip
 from .fast import enable_fast_inference
 from .memory import enable_low_vram
@@ -124,10 +124,12 @@ class EllaMixin:
                 f"{unet.config.cross_attention_dim}: these ELLA weights were made for another base model"
             )
         hidden = getattr(getattr(llm, "config", None), "hidden_size", None)
-        if hidden is not None and self.config.llm_hidden_layer is None and hidden != connector.config.input_dim:
+        layers = layer_count(self.config.llm_hidden_layer)
+        if hidden is not None and hidden * layers != connector.config.input_dim:
             raise EllaError(
-                f"the LLM's hidden size {hidden} does not match the connector's input_dim "
-                f"{connector.config.input_dim}: use the LLM these ELLA weights were trained with"
+                f"the LLM's hidden size {hidden}{f' x {layers} layers' if layers > 1 else ''} does not match the "
+                f"connector's input_dim {connector.config.input_dim}: use the LLM (and layers) these ELLA weights "
+                "were trained with"
             )
 
     def encode_text(self, prompts: list[str], weights: list[WeightSpans] | None = None) -> TextFeatures:
@@ -272,7 +274,9 @@ class EllaMixin:
         flexible = self.config.llm_flexible or self.config.llm_max_length is None
         if not self._ella_fast or flexible or not negatives or any(weights):
             return self.encode_text(texts, weights)
-        key = (id(self.llm), self.llm.dtype, self.llm.device, self.config.llm_max_length, self.config.llm_hidden_layer)
+        layer = self.config.llm_hidden_layer
+        layer = tuple(layer) if isinstance(layer, list) else layer
+        key = (id(self.llm), self.llm.dtype, self.llm.device, self.config.llm_max_length, layer)
         if self._ella_feature_key != key:
             self._ella_feature_cache, self._ella_feature_key = {}, key
         cache = self._ella_feature_cache

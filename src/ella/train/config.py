@@ -40,11 +40,24 @@ class TrainConfig:
     llm_name_or_path: str = DEFAULT_LLM  # any HF encoder / T5 / decoder-only LM
     llm_max_length: int = 128  # paper: captions up to 128 tokens
     llm_hidden_layer: int | None = None  # None = last hidden state (what the release reads)
+    # Several layers' states, concatenated (e.g. -1,-6,-12; Playground v3 / Lumina read several); recorded in the
+    # connector's config, so pipelines read the same ones.
+    llm_layers: list[int] | None = None
     connector_variant: str = "tsc"  # tsc (paper), tsc_adaln_zero, resampler (no timestep), mlp — Table 6
     connector_layers: int = 6  # release: 6 blocks, 8 heads, 64 latents
     connector_heads: int = 8
     connector_num_latents: int = 64
     init_connector: str | None = None  # start from these weights (official file or save_pretrained dir)
+    # A LoRA of this rank on the UNet's attention projections, trained under ELLA's condition (the release's open
+    # PR): exported as a diffusers LoRA (pytorch_lora_weights.safetensors) that pipe.load_lora_weights loads.
+    train_unet_lora: int | None = None
+    unet_lora_alpha: float | None = None  # None = the rank (scale 1)
+    freeze_connector: bool = False  # train the LoRA alone under a fixed (--init_connector) connector
+    # ella+clip: the UNet gets the base's CLIP tokens (77) before the connector's, the layout the pipelines use in
+    # that mode; for a clip_dropout share of the samples the CLIP tokens are masked out of cross-attention, which
+    # is exactly `ella` mode (no CLIP tokens), so one connector serves both modes.
+    condition_mode: str = "ella"
+    clip_dropout: float = 0.3
     # -- data
     dataset_name: str | None = None  # HF datasets name or a save_to_disk directory
     train_data_dir: str | None = None  # image folder with .txt sidecars, webdataset shards, or an `ella cache` dir
@@ -100,6 +113,11 @@ class TrainConfig:
     validation_guidance_scale: float = 7.5
 
     @property
+    def layers(self) -> int | list[int] | None:
+        """The LLM hidden states the connector reads (``ella.text.encode_tokens``'s ``hidden_layer``)."""
+        return list(self.llm_layers) if self.llm_layers else self.llm_hidden_layer
+
+    @property
     def flexible_features(self) -> bool:
         """The MLP's output has one token per text token, so its LLM features are padded to the longest
         caption and carry a mask; the attention connectors take fixed-length features without one."""
@@ -144,6 +162,15 @@ class TrainConfig:
             )
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise EllaError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
+        if self.llm_layers is not None and (self.llm_hidden_layer is not None or len(self.llm_layers) < 2):
+            raise EllaError("--llm_layers takes two or more layers (one layer: --llm_hidden_layer), and not both flags")
+        if self.condition_mode not in ("ella", "ella+clip"):
+            raise EllaError(f"--condition_mode must be ella or ella+clip, got {self.condition_mode!r}")
+        if self.freeze_connector and not (self.train_unet_lora and self.init_connector):
+            raise EllaError(
+                "--freeze_connector trains only a UNet LoRA under a given connector: add --train_unet_lora RANK "
+                "and --init_connector PATH"
+            )
         if self.resume_from_checkpoint == "":
             raise EllaError("--resume_from_checkpoint needs 'latest' or a checkpoint directory, got ''")
 
@@ -157,6 +184,10 @@ _not_negative = ("0 or more", lambda v: v >= 0)
 RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "llm_max_length": _at_least_1,
     "llm_hidden_layer": ("a layer index (negative counts from the last)", lambda v: True),
+    "llm_layers": ("layer indices (negative count from the last)", lambda v: True),
+    "train_unet_lora": ("a LoRA rank of at least 1", lambda v: v >= 1),
+    "clip_dropout": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "unet_lora_alpha": _positive,
     "connector_layers": _at_least_1,
     "connector_heads": _at_least_1,
     "connector_num_latents": _at_least_1,
@@ -201,6 +232,8 @@ def require_optional_packages(cfg: TrainConfig) -> None:
         wanted.append(("wandb", "--report_to wandb"))
     if cfg.use_8bit_adam:
         wanted.append(("bitsandbytes", "--use_8bit_adam"))
+    if cfg.train_unet_lora:
+        wanted.append(("peft", "--train_unet_lora"))
     for module, flag in wanted:
         if importlib.util.find_spec(module) is None:
             raise EllaError(f"{flag} needs {module}, which is not installed: pip install {module}")

@@ -55,6 +55,7 @@ def read_dims(cfg: TrainConfig, cached_llm_hidden: int | None) -> Dims:
         with loading("LLM", cfg.llm_name_or_path):
             llm_config = transformers.AutoConfig.from_pretrained(cfg.llm_name_or_path)
         hidden = getattr(llm_config, "d_model", None) or llm_config.hidden_size
+        hidden *= len(cfg.llm_layers or [None])  # several layers' states side by side
     return Dims(hidden, cross, pooled, unet_config)
 
 
@@ -78,6 +79,7 @@ def make_connector(cfg: TrainConfig, dims: Dims) -> TimestepAwareSemanticConnect
             time_embed_dim=width,  # release: time_embed_dim == width (768)
             variant=cfg.connector_variant,
             pooled_dim=dims.pooled_dim,
+            llm_layers=list(cfg.llm_layers) if cfg.llm_layers else None,
         )
     got = connector.config
     if got.input_dim != dims.llm_hidden:
@@ -133,3 +135,43 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     return (z.float() - shift) * vae.config.scaling_factor
+
+
+#: The UNet modules a LoRA trains: every attention projection (self and cross), as diffusers' LoRA scripts do.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def add_unet_lora(unet, rank: int, alpha: float | None) -> list[torch.nn.Parameter]:
+    """A peft LoRA on the frozen UNet; returns its parameters, in fp32 (the base weights stay in their dtype).
+
+    Gaussian init of A with B = 0 (peft's default): the LoRA starts as the identity, so step 0 is the frozen
+    UNet under ELLA exactly.
+    """
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    unet.add_adapter(config)
+    cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def load_clip(cfg: TrainConfig, dims: Dims, weight_dtype: torch.dtype, device):
+    """``(text_encoder, tokenizer)`` of the base, frozen, for ``--condition_mode ella+clip`` (SD1.5-style UNets:
+    one CLIP whose width is the UNet's cross-attention width)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if dims.sdxl_style:
+        raise EllaError(
+            "--condition_mode ella+clip trains SD1.5-style UNets (one CLIP); SDXL's two-CLIP layout is not supported "
+            "in training yet: train in ella mode"
+        )
+    base = cfg.pretrained_model_name_or_path
+    with loading("base model's CLIP", base):
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=weight_dtype)
+    if encoder.config.hidden_size != dims.cross_attention_dim:
+        raise EllaError(
+            f"the base's CLIP is {encoder.config.hidden_size}-d but its UNet attends to {dims.cross_attention_dim}-d"
+        )
+    return encoder.to(device).requires_grad_(False).eval(), tokenizer

@@ -34,14 +34,16 @@ from .checkpoint import (
     Progress,
     check_output_dir,
     export_connector,
+    export_unet_lora,
     find_checkpoint,
     load_checkpoint,
     read_checkpoint,
+    register_lora_state_hooks,
     save_checkpoint,
 )
 from .config import TrainConfig, require_optional_packages, require_train_extra
 from .data import Augment, collate, open_dataset
-from .models import Dims, encode_latents, load_frozen, make_connector, read_dims
+from .models import Dims, add_unet_lora, encode_latents, load_clip, load_frozen, make_connector, read_dims
 from .validation import validation_images
 
 
@@ -105,6 +107,11 @@ def main(cfg: TrainConfig) -> Path:
             f"the cache's LLM features are {cached_llm['max_length']} tokens long but --llm_max_length is "
             f"{cfg.llm_max_length}; use the same length (validation and inference encode with it)"
         )
+    if cached_llm and cfg.layers is not None:
+        raise EllaError(
+            "the cache holds the LLM's last hidden state; --llm_hidden_layer / --llm_layers read others: train from "
+            "a cache without --features (the LLM then runs in the training step)"
+        )
     if cached_llm and cached_llm["name"] != cfg.llm_name_or_path:
         warnings.warn(
             f"the cache's features come from {cached_llm['name']!r}, but --llm_name_or_path is "
@@ -131,13 +138,24 @@ def main(cfg: TrainConfig) -> Path:
             f"uses {vae_scaling(cfg)}: re-run `ella cache` with --pretrained_model_name_or_path "
             f"{cfg.pretrained_model_name_or_path}"
         )
+    clip = load_clip(cfg, dims, weight_dtype, device) if cfg.condition_mode == "ella+clip" else None
+
+    # ---- What learns: the connector (ELLA), and/or a LoRA on the UNet's attention (--train_unet_lora)
+    lora_params = add_unet_lora(unet, cfg.train_unet_lora, cfg.unet_lora_alpha) if cfg.train_unet_lora else []
+    if cfg.freeze_connector:
+        connector.requires_grad_(False).eval()
+    trainable = [p for p in connector.parameters() if p.requires_grad] + lora_params
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     # Compiling the frozen UNet gives 1.27x the steps per second on a data-centre GPU (benchmarks/RESULTS.md);
     # channels_last did not help the compiled UNet. Static shapes (dynamic ones crashed inductor's GroupNorm
     # backward on the shapes world's UNet); so the loader drops an epoch's short last batch when compiling,
     # which would compile everything once more.
-    unet_forward = torch.compile(unet, dynamic=False) if cfg.torch_compile else unet
+    unet_train = unet
+    if lora_params:  # its LoRA learns: DDP must sync its gradients, and checkpoints keep the LoRA (only)
+        register_lora_state_hooks(accelerator, unet)
+        unet_train = accelerator.prepare(unet)
+    unet_forward = torch.compile(unet_train, dynamic=False) if cfg.torch_compile else unet_train
 
     # ---- Optimizer (AdamW, paper: constant lr, weight decay 0.01), lr schedule, EMA
     optimizer_cls, extra = torch.optim.AdamW, {"fused": device.type == "cuda"}  # fused: one kernel per step
@@ -146,7 +164,7 @@ def main(cfg: TrainConfig) -> Path:
 
         optimizer_cls, extra = bnb.optim.AdamW8bit, {}
     optimizer = optimizer_cls(
-        connector.parameters(),
+        trainable,
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay,
@@ -180,7 +198,11 @@ def main(cfg: TrainConfig) -> Path:
         and not isinstance(dataset, torch.utils.data.IterableDataset)
         and len(dataset) >= cfg.train_batch_size * accelerator.num_processes,
     )
-    connector, optimizer, lr_scheduler = accelerator.prepare(connector, optimizer, lr_scheduler)
+    if cfg.freeze_connector:  # nothing of it learns: DDP refuses a module without a trainable parameter
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    else:
+        connector, optimizer, lr_scheduler = accelerator.prepare(connector, optimizer, lr_scheduler)
+    learners = ([] if cfg.freeze_connector else [connector]) + ([unet_train] if lora_params else [])
     if not isinstance(dataset, torch.utils.data.IterableDataset):
         loader = accelerator.prepare(loader)  # shards each batch across processes; tar shards split themselves
 
@@ -238,7 +260,7 @@ def main(cfg: TrainConfig) -> Path:
                     continue
                 unreadable_in_a_row, readable_in_epoch = 0, True
                 generator.manual_seed(noise_seed(cfg.seed, accelerator.process_index, progress.micro_steps))
-                with accelerator.accumulate(connector):
+                with accelerator.accumulate(*learners):
                     latents = batch_latents(batch, vae, device)
                     features, mask = batch_features(batch, llm, cfg, device)
                     loss = diffusion_loss(
@@ -250,6 +272,8 @@ def main(cfg: TrainConfig) -> Path:
                         mask,
                         dims=dims,
                         time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
+                        clip_tokens=None if clip is None else clip_tokens(batch["captions"], *clip, device),
+                        clip_dropout=cfg.clip_dropout,
                         generator=generator,
                         noise_offset=cfg.noise_offset,
                         snr_gamma=cfg.snr_gamma,
@@ -257,7 +281,7 @@ def main(cfg: TrainConfig) -> Path:
                     nonfinite |= ~torch.isfinite(loss.detach())
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(connector.parameters(), cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -349,8 +373,16 @@ def main(cfg: TrainConfig) -> Path:
                 "max_train_steps": cfg.max_train_steps,
                 "samples_seen": progress.samples_seen * accelerator.num_processes,
                 "stopped_by": stopped_by,
+                **(
+                    {"unet_lora_rank": cfg.train_unet_lora, "connector_frozen": cfg.freeze_connector}
+                    if lora_params
+                    else {}
+                ),
+                **({"condition_mode": cfg.condition_mode, "clip_dropout": cfg.clip_dropout} if clip else {}),
             },
         )
+        if lora_params:
+            export_unet_lora(unet, output_dir)
         if progress.skipped:
             accelerator.print(f"skipped {progress.skipped} corrupt or unreadable samples")
     accelerator.end_training()
@@ -370,6 +402,8 @@ def diffusion_loss(
     *,
     dims: Dims,
     time_ids=None,
+    clip_tokens: torch.Tensor | None = None,
+    clip_dropout: float = 0.0,
     generator=None,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
@@ -378,6 +412,8 @@ def diffusion_loss(
 
     One random timestep per sample (uniform over the training schedule, as in SD's own training);
     the connector sees the same timestep the UNet does — that is what "timestep-aware" trains.
+    ``clip_tokens`` (``ella+clip``): the base's CLIP tokens go first, as the pipelines join them; for a
+    ``clip_dropout`` share of the samples they are masked out of cross-attention (``ella`` mode exactly).
     """
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -394,6 +430,13 @@ def diffusion_loss(
     # read through the wrapper, an MLP's mask would silently never reach the UNet in multi-GPU training.
     inner = getattr(connector, "module", connector)
     follows_text = mask is not None and getattr(inner, "output_follows_text", False)
+    text_mask = mask if follows_text else None
+    if clip_tokens is not None:
+        keep = torch.rand(batch, generator=generator, device=latents.device) >= clip_dropout
+        ones = torch.ones(batch, tokens.shape[1], dtype=torch.bool, device=latents.device)
+        ella_keys = text_mask.bool() if text_mask is not None else ones
+        text_mask = torch.cat([keep[:, None].expand(-1, clip_tokens.shape[1]), ella_keys], dim=1).to(tokens.dtype)
+        tokens = torch.cat([clip_tokens.to(tokens.dtype), tokens], dim=1)
     added = None
     if dims.sdxl_style:
         pool = inner.pool
@@ -402,7 +445,7 @@ def diffusion_loss(
         noisy.to(unet.dtype),
         timesteps,
         encoder_hidden_states=tokens.to(unet.dtype),
-        encoder_attention_mask=mask if follows_text else None,
+        encoder_attention_mask=text_mask,
         added_cond_kwargs=added,
         return_dict=False,
     )[0]
@@ -477,6 +520,13 @@ def batch_latents(batch: dict, vae, device) -> torch.Tensor:
     return encode_latents(vae, batch["pixel_values"])
 
 
+@torch.no_grad()
+def clip_tokens(captions: list[str], encoder, tokenizer, device) -> torch.Tensor:
+    """The base's CLIP tokens of the captions ([B, 77, width]), as its own pipeline encodes a prompt."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    return encoder(torch.tensor(ids["input_ids"], device=device))[0]
+
+
 def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LLM features of the captions (already "" where dropped): cached, or computed now with the frozen LLM."""
     if "features" in batch:
@@ -485,7 +535,7 @@ def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Te
     flexible = cfg.flexible_features
     tokens = Tokens(batch["input_ids"], batch["attention_mask"], batch["token_lengths"])
     warn_truncated(batch["captions"], tokens, cfg.llm_max_length)
-    out = encode_tokens(llm, tokens, flexible=flexible, hidden_layer=cfg.llm_hidden_layer)
+    out = encode_tokens(llm, tokens, flexible=flexible, hidden_layer=cfg.layers)
     states, mask = out.hidden_states, out.attention_mask
     if flexible and cfg.torch_compile:
         # The MLP's tokens follow the text, so its batches are as long as their longest caption; a compiled

@@ -45,7 +45,7 @@ def validation_images(
         llm_tokenizer=tokenizer,
         llm_max_length=cfg.llm_max_length,
         llm_flexible=cfg.flexible_features,
-        llm_hidden_layer=cfg.llm_hidden_layer,
+        llm_hidden_layer=cfg.layers,
     )
     pipe.set_progress_bar_config(disable=True)
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
