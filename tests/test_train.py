@@ -522,54 +522,81 @@ def test_config_yaml_flags_and_bad_keys(tmp_path, capsys):
     assert "multiple of 8" in capsys.readouterr().err
 
 
+def train_argv(tiny_sd, tiny_t5, folder: Path, out: Path, steps: int = 3) -> list[str]:
+    """``ella train`` on the tiny models, as a launcher's argument list (``-m ella.cli train ...``)."""
+    return [
+        "-m", "ella.cli", "train",
+        "--pretrained_model_name_or_path", str(tiny_sd),
+        "--llm_name_or_path", str(tiny_t5),
+        "--train_data_dir", str(folder),
+        "--output_dir", str(out),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", str(steps),
+        "--connector_layers", "1",
+        "--connector_heads", "4",
+        "--connector_num_latents", "8",
+        "--llm_max_length", "16",
+        "--dataloader_num_workers", "0",
+        "--report_to", "none",
+    ]  # fmt: skip
+
+
+DIST_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def test_two_process_ddp_on_cpu(tiny_sd, tiny_t5, folder, tmp_path):
     """`torchrun --nproc_per_node 2` runs DDP over CPU processes (gloo), each with its own progress file."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "ella.cli",
-        "train",
-        "--pretrained_model_name_or_path",
-        str(tiny_sd),
-        "--llm_name_or_path",
-        str(tiny_t5),
-        "--train_data_dir",
-        str(folder),
-        "--output_dir",
-        str(out),
-        "--resolution",
-        "32",
-        "--train_batch_size",
-        "2",
-        "--max_train_steps",
-        "3",
-        "--checkpointing_steps",
-        "3",
-        "--connector_layers",
-        "1",
-        "--connector_heads",
-        "4",
-        "--connector_num_latents",
-        "8",
-        "--llm_max_length",
-        "16",
-        "--dataloader_num_workers",
-        "0",
-        "--report_to",
-        "none",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        cmd + train_argv(tiny_sd, tiny_t5, folder, out), env=DIST_ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     ranks = [json.loads((out / "checkpoint-3" / f"progress-rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["global_step"] for r in ranks] == [3, 3]
     assert sum(r["samples_seen"] for r in ranks) == 2 * 2 * 3  # two processes, batch 2 each, 3 steps
     assert (out / "ella.safetensors").is_file()
+
+
+def test_two_nodes_on_one_host_train_what_one_node_of_two_processes_trains(tiny_sd, tiny_t5, folder, tmp_path):
+    """`torchrun --nnodes 2` (one process each, a localhost rendezvous, gloo): the multi-node recipe of the README.
+    Both nodes finish every step, and the weights equal a one-node, two-process run's bit for bit: the same ranks,
+    the same data shards, the same gradient all-reduce."""
+    one_node = tmp_path / "one-node"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        cmd + train_argv(tiny_sd, tiny_t5, folder, one_node, steps=2), env=DIST_ENV, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    two_nodes, port = tmp_path / "two-nodes", _free_port()
+
+    def node(rank: int) -> subprocess.Popen:
+        launch = ["--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1"]
+        launch += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *launch,
+            *train_argv(tiny_sd, tiny_t5, folder, two_nodes, 2),
+        ]
+        return subprocess.Popen(argv, env=DIST_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = [node(0), node(1)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-1500:] + outputs[1][-1500:]
+    ranks = [json.loads((two_nodes / "checkpoint-2" / f"progress-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    a, b = load_file(one_node / "ella.safetensors"), load_file(two_nodes / "ella.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_min_snr_weighting_matches_an_independent_formula(tiny_sd):
