@@ -105,6 +105,24 @@ def plan(args) -> list[tuple[str, dict]]:
                 no_cudnn_attention=True,
             ),
         ),
+        # `ella train --train_unet_lora 16`: the LoRA's weight gradients come on top (jointly with the connector,
+        # and under a frozen connector)
+        (
+            "bf16+cl+compile lora16",
+            dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached", lora=16),
+        ),
+        (
+            "bf16+cl+compile lora16 frozen-connector",
+            dict(
+                batch=b,
+                unet_dtype=bf16,
+                channels_last=True,
+                compile_unet=True,
+                inputs="cached",
+                lora=16,
+                freeze_connector=True,
+            ),
+        ),
     ]
 
 
@@ -136,14 +154,22 @@ def run_config(
     fuse_qkv=False,
     tuned=False,
     no_cudnn_attention=False,
+    lora=None,
+    freeze_connector=False,
 ):
     from accelerate import Accelerator
 
-    from ella.train.models import Dims
+    from ella.train.models import Dims, add_unet_lora
     from ella.train.train import diffusion_loss
 
     unet0, connector0, t5, vae, sched = models
     unet = unet0.to(device, unet_dtype)
+    lora_params = []
+    if lora:  # on a copy: the other rows keep the plain frozen UNet
+        import copy
+
+        unet = copy.deepcopy(unet)
+        lora_params = add_unet_lora(unet, lora, None)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     if fuse_qkv:
@@ -161,8 +187,13 @@ def run_config(
     torch.manual_seed(1)
     connector = type(connector0)(**connector0.config).to(device).train()
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type != "cuda")
-    optimizer = torch.optim.AdamW(connector.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
-    connector, optimizer = accelerator.prepare(connector, optimizer)
+    if freeze_connector:
+        connector.requires_grad_(False)
+    trainable = [p for p in connector.parameters() if p.requires_grad] + lora_params
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    optimizer = accelerator.prepare(optimizer)
+    if not freeze_connector:
+        connector = accelerator.prepare(connector)
     for frozen in (t5, vae):
         if frozen is not None:
             frozen.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -189,7 +220,7 @@ def run_config(
         with accelerator.accumulate(connector):
             loss = diffusion_loss(connector, unet_call, sched, latents, feats, None, dims=dims, generator=gen)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(connector.parameters(), 1.0)
+            accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
