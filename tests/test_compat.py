@@ -17,7 +17,8 @@ from ella.pipelines import (
     EllaStableDiffusionInpaintPipeline,
     EllaStableDiffusionPipeline,
 )
-from ella.text import PromptWeightsWarning, encode_text
+from ella.prompts import PromptWeightsWarning
+from ella.text import encode_text
 
 PROMPT = "a red cat sitting on a blue chair next to a green lamp"
 KW = {"num_inference_steps": 5, "output_type": "np"}

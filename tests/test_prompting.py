@@ -131,7 +131,7 @@ def test_the_unet_gets_the_weighted_condition(pipe):
 
 
 def test_prompt_weights_off_strips_the_markup_as_before(pipe):
-    from ella.text import PromptWeightsWarning
+    from ella.prompts import PromptWeightsWarning
 
     plain = pipe("a red cat on a blue chair", generator=gen(8), **KW).images
     with pytest.warns(PromptWeightsWarning, match="removed the markup"):

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from ella.errors import EllaError
+from ella.prompts import strip_prompt_weights
 from ella.shapes import (
     KINDS,
     Obj,
@@ -45,7 +46,6 @@ from ella.shapes.language import (
     words,
 )
 from ella.shapes.world import BACKGROUNDS, COLOURS, PLURALS, SHAPES
-from ella.text import strip_prompt_weights
 
 SEED = 77
 SIZE_MEANING = {

@@ -136,11 +136,12 @@ class ConditionTable:
             # Read before every call: under enable_model_cpu_offload the connector sits on the CPU until its
             # first call moves it (and that call's inputs) to the accelerator; later calls move no inputs.
             device = compute_device(self.connector)
+            rows = rows.to(device)
             t = torch.tensor(chunk, device=device).repeat_interleave(slots)
-            mask = None if self.mask is None else self.mask.to(device)[rows.to(device)]
-            weights = None if self.weights is None else self.weights.to(device)[rows.to(device)]
+            mask = None if self.mask is None else self.mask.to(device)[rows]
+            weights = None if self.weights is None else self.weights.to(device)[rows]
             states = self.states.to(device)
-            states = states.repeat(n, 1, 1) if self._slot_rows is None else states[rows.to(device)]
+            states = states.repeat(n, 1, 1) if self._slot_rows is None else states[rows]
             out = self.connector(states, t, attention_mask=mask, text_weights=weights)
             if self.with_pooled:
                 mask = None if mask is None else mask.to(out.device)
@@ -217,10 +218,15 @@ class ConditionTable:
         return tokens[pos, rows], (None if pooled is None else pooled[pos, rows])
 
     def encoder_attention_mask(self, rows: torch.Tensor, timestep: torch.Tensor | float = 0) -> torch.Tensor | None:
-        """For connectors whose output follows the text (MLP variant), the text mask of each sample's row."""
+        """For connectors whose output follows the text (MLP variant), the text mask of each sample's row
+        (``rows``: the placeholder's slots; ``timestep``: the call's, a number or a tensor of one or per sample)."""
         if self.mask is None or not getattr(self.connector, "output_follows_text", False):
             return None  # checked first: the common case costs the step no kernel
-        texts = self.rows_at(self.step_of(timestep))[0] if self._slot_rows is not None else torch.arange(self.rows)
+        step = 0
+        if self._slot_rows is not None:  # with prompt editing the row depends on the step
+            first = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep  # same address
+            step = self.step_of(first)
+        texts = self.rows_at(step)[0]
         mask = self.mask[texts.to(self.mask.device)[rows.to(self.mask.device)]]
         return mask if self.clip is None else self.clip.join_mask(mask)
 
@@ -251,13 +257,10 @@ class ClipPart:
     clip_scale: float = 1.0
     ella_scale: float = 1.0
 
-    def join(self, ella: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def join(self, ella: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``ella`` ``[n, slots, tokens, width]`` -> ``[n, slots, 77 + tokens, width]``; ``rows`` ``[n, slots]``:
-        the CLIP row of each (default: slot i reads CLIP row i)."""
-        if rows is None:
-            clip = self.embeds.to(ella.device, ella.dtype).unsqueeze(0).expand(ella.shape[0], -1, -1, -1)
-        else:
-            clip = self.embeds.to(ella.device, ella.dtype)[rows.to(ella.device)]
+        the CLIP row each slot reads at each of the ``n`` timesteps."""
+        clip = self.embeds.to(ella.device, ella.dtype)[rows.to(ella.device)]
         clip = clip * self.clip_scale if self.clip_scale != 1.0 else clip
         ella = ella * self.ella_scale if self.ella_scale != 1.0 else ella
         return torch.cat((clip, ella) if self.clip_first else (ella, clip), dim=2)
@@ -355,8 +358,7 @@ class ConditionFeed:
         added = kwargs.get("added_cond_kwargs")
         if pooled is not None and added and "text_embeds" in added:
             kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled.to(embeds.device)}
-        first = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep  # same address
-        mask = table.encoder_attention_mask(rows, first)
+        mask = table.encoder_attention_mask(rows, timestep)
         if mask is not None and "encoder_attention_mask" in inspect.signature(module.forward).parameters:
             kwargs["encoder_attention_mask"] = mask.to(embeds.device)
         return args, kwargs

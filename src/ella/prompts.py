@@ -120,6 +120,33 @@ def literal(text: str) -> str:
     return re.sub(r"([\\()\[\]])", r"\\\1", text)
 
 
+class PromptWeightsWarning(UserWarning):
+    """A1111-style emphasis was removed from a prompt (``prompt_weights=False``): its words were read unweighted."""
+
+
+# The markup as the stripping below sees it: (text:1.3), and the bare brackets of (text) / [text]; \( \) \[ \]
+# are literal.
+_WEIGHTED = re.compile(r"(?<!\\)\(([^()]*?):\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*(?<!\\)\)")
+_BRACKET = re.compile(r"(?<!\\)[()\[\]]")
+
+
+def strip_prompt_weights(prompt: str) -> str:
+    """``"a (red:1.3) car, ((sharp))"`` -> ``"a red car, sharp"``; escaped brackets become literal.
+
+    What ELLA pipelines did before they read weights, kept as ``prompt_weights=False``: the markup removed
+    (with a :class:`PromptWeightsWarning`) so that the LLM does not read it as text, and nothing weighted.
+    Unlike :func:`parse_weights` it leaves ``BREAK`` in the text, as it always did.
+    """
+    text = prompt
+    while True:  # innermost first: ((a:1.2) b:1.1)
+        new = _WEIGHTED.sub(r"\1", text)
+        if new == text:
+            break
+        text = new
+    text = _BRACKET.sub("", text)
+    return re.sub(r"\\([()\[\]])", r"\1", text)
+
+
 def has_weights(prompt: str) -> bool:
     """Whether emphasis changes anything: a lone ``BREAK`` or ``(a:1)`` does not."""
     return any(weight is not None and weight != 1.0 for _, weight in parse_weights(prompt))

@@ -16,7 +16,6 @@ Loading the LLM (hub ids, encoder-only T5 files, quantised weights) is :mod:`ell
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,32 +30,6 @@ DEFAULT_MAX_LENGTH = 128  # release fact: T5 features padded/truncated to 128 to
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt longer than the LLM's max length lost its tail."""
-
-
-class PromptWeightsWarning(UserWarning):
-    """A1111-style emphasis was removed from a prompt: an LLM reads words, not weights."""
-
-
-# A1111 emphasis: (text:1.3) and (text) / ((text)) up-weight, [text] down-weights; \( \) \[ \] are literal.
-_WEIGHTED = re.compile(r"(?<!\\)\(([^()]*?):\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*(?<!\\)\)")
-_EMPHASIS = re.compile(r"(?<!\\)[()\[\]]")
-
-
-def strip_prompt_weights(prompt: str) -> str:
-    """``"a (red:1.3) car, ((sharp))"`` -> ``"a red car, sharp"``; escaped brackets become literal.
-
-    ELLA's condition comes from an LLM reading the sentence; A1111 weights scale CLIP token
-    embeddings, which have no counterpart in LLM features, and the markup itself would be read
-    as text. So the markup is removed (with a :class:`PromptWeightsWarning`), not emulated.
-    """
-    text = prompt
-    while True:  # innermost first: ((a:1.2) b:1.1)
-        new = _WEIGHTED.sub(r"\1", text)
-        if new == text:
-            break
-        text = new
-    text = _EMPHASIS.sub("", text)
-    return re.sub(r"\\([()\[\]])", r"\1", text)
 
 
 @dataclass

@@ -21,8 +21,8 @@ from diffusers import DiffusionPipeline
 
 from ..conditioning import ClipPart, ConditionFeed, ConditionTable, placeholder_embeds
 from ..errors import EllaError, InvalidArgumentError
-from ..prompts import parse_weights
-from ..text import DEFAULT_MAX_LENGTH, PromptWeightsWarning, TextFeatures, WeightSpans, encode_text, layer_count
+from ..prompts import PromptWeightsWarning, parse_weights
+from ..text import DEFAULT_MAX_LENGTH, TextFeatures, WeightSpans, encode_text, layer_count
 from .clip import encode_clip
 from .fast import enable_fast_inference
 from .memory import enable_low_vram

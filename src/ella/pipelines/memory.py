@@ -123,20 +123,21 @@ class EllaOffloadMixin:
         for hook in getattr(self, "_all_hooks", None) or []:
             hook.offload()  # through our hooks (no copy), before diffusers' pipe.to("cpu") copies the last model
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        llm = getattr(self, "llm", None)
+        llm_stays = self._ella_llm_device is not None and isinstance(llm, nn.Module)
+        if llm_stays:  # first: a CPU-resident LLM needs no page-locked copy of its weights
+            for hook in [h for h in self._all_hooks if h.model is llm]:
+                hook.remove()  # the LLM's forward runs unhooked, where it is: on the CPU
+                self._all_hooks.remove(hook)
+                for later in self._all_hooks:  # the connector no longer "offloads" the LLM
+                    if getattr(later.hook, "prev_module_hook", None) is hook:
+                        later.hook.prev_module_hook = hook.hook.prev_module_hook
         for hook in self._all_hooks:
             pinned = PinnedCpuOffload(hook.hook.execution_device, hook.hook.prev_module_hook)
             add_hook_to_module(hook.model, pinned)  # replaces accelerate's hook; init_hook keeps the CPU copies
             hook.hook = pinned
-        llm = getattr(self, "llm", None)
-        if self._ella_llm_device is None or not isinstance(llm, nn.Module):
-            return
-        for hook in [h for h in self._all_hooks if h.model is llm]:
-            hook.remove()  # the LLM's forward runs unhooked, where it is: on the CPU
-            self._all_hooks.remove(hook)
-            for later in self._all_hooks:  # the connector no longer "offloads" the LLM
-                if getattr(later.hook, "prev_module_hook", None) is hook:
-                    later.hook.prev_module_hook = hook.hook.prev_module_hook
-        llm.to(self._ella_llm_device)
+        if llm_stays:
+            llm.to(self._ella_llm_device)
 
     def enable_sequential_cpu_offload(
         self, gpu_id: int | None = None, device: torch.device | str | None = None

@@ -24,8 +24,8 @@ from itertools import product
 import torch
 
 from ..conditioning import SlotRows
-from ..prompts import parse_weights, plain_text, prompt_schedule, prompt_variants, weight_spans
-from ..text import WeightSpans, strip_prompt_weights
+from ..prompts import parse_weights, plain_text, prompt_schedule, prompt_variants, strip_prompt_weights, weight_spans
+from ..text import WeightSpans
 
 Segments = list[tuple[str, float | None]]
 #: A slot's CLIP text: (first CLIP's, second CLIP's or None = the same).

@@ -31,8 +31,6 @@ SHAPES_BANNER = (
     "`hf download QQGYLab/ELLA ella-sd1.5-tsc-t5xl.safetensors`, `google/flan-t5-xl`, an SD1.5 base) and start "
     "`ella serve --base BASE --ella QQGYLab/ELLA --llm google/flan-t5-xl`."
 )
-#: The form fields a sidecar can send back, in the order of the /generate parameters.
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "num_images", "mode")
 
 
 def questions_markdown(marks: list[list[tuple[str, bool]]]) -> str:
@@ -98,7 +96,7 @@ def build_app(backend: Backend) -> gr.Blocks:
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 if backend.shapes:
                     new_scene = gr.Button("new scene prompt (questions known)", size="sm")
-                examples = gr.Examples(backend.examples(), inputs=[prompt], label="examples")
+                gr.Examples(backend.examples(), inputs=[prompt], label="examples")
             with gr.Column(scale=4):
                 gallery = gr.Gallery(
                     label="results", format="png", columns=2, height=420, object_fit="contain", elem_id="gallery",
@@ -167,7 +165,6 @@ def build_app(backend: Backend) -> gr.Blocks:
             new_scene.click(
                 lambda i: (backend.scene_prompt(i), i + 1), counter, [prompt, counter], api_visibility="private"
             )
-        del examples
     return app
 
 

@@ -97,6 +97,7 @@ class Backend:
             self.sources = {"base": str(base), "ella": str(ella), "llm": str(llm), "controlnet": controlnet}
         self.controlnet = controlnet is not None
         self._base_scheduler = self.pipe.scheduler
+        self._kinds = {}  # pipeline kind -> the same models as that kind (built at its first request)
         # every --lora loads once as its own adapter; a request switches the ones it names on (at their scales)
         loaded = load_loras(self.pipe, check_loras(loras or []))
         self.loras = {d["path"]: (f"lora{i}", d["scale"]) for i, d in enumerate(loaded)}
@@ -170,7 +171,7 @@ class Backend:
             have = ", ".join(self.loras) or "none"
             raise EllaError(f"LoRA {unknown[0]!r} is not loaded on this server (start it with --lora); it has: {have}")
         with self._lock:
-            pipe = as_kind(self.pipe, kind)
+            pipe = self._kinds.get(kind) or self._kinds.setdefault(kind, as_kind(self.pipe, kind))
             pipe.scheduler = scheduler
             self._switch_loras(r.loras or [])
             out = self.out / uuid.uuid4().hex[:12]

@@ -138,7 +138,9 @@ def main(cfg: TrainConfig) -> Path:
             f"uses {vae_scaling(cfg)}: re-run `ella cache` with --pretrained_model_name_or_path "
             f"{cfg.pretrained_model_name_or_path}"
         )
-    clip = load_clip(cfg, dims, weight_dtype, device) if cfg.condition_mode == "ella+clip" else None
+    clip_encoder, clip_tokenizer = None, None
+    if cfg.condition_mode == "ella+clip":
+        clip_encoder, clip_tokenizer = load_clip(cfg, dims, weight_dtype, device)
 
     # ---- What learns: the connector (ELLA), and/or a LoRA on the UNet's attention (--train_unet_lora)
     lora_params = add_unet_lora(unet, cfg.train_unet_lora, cfg.unet_lora_alpha) if cfg.train_unet_lora else []
@@ -181,7 +183,7 @@ def main(cfg: TrainConfig) -> Path:
     if cfg.use_ema:
         ema = EMAModel(connector.parameters(), decay=cfg.ema_decay)
 
-    if cfg.dataloader_num_workers > 0 and tokenizer is not None:
+    if cfg.dataloader_num_workers > 0 and (tokenizer is not None or clip_tokenizer is not None):
         # Every worker tokenizes whole batches; a thread pool in each (the tokenizers default: one thread per
         # core) would oversubscribe the CPU many times over when several runs with several workers share a host.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -189,7 +191,7 @@ def main(cfg: TrainConfig) -> Path:
         dataset,
         batch_size=cfg.train_batch_size,
         shuffle=not isinstance(dataset, torch.utils.data.IterableDataset),
-        collate_fn=collate if tokenizer is None else TokenizingCollate(tokenizer, cfg),
+        collate_fn=TokenizingCollate(tokenizer, cfg, clip_tokenizer),  # no tokenizer at all: plain collate
         num_workers=cfg.dataloader_num_workers,
         pin_memory=device.type == "cuda",
         # A short last batch would make the compiled UNet compile again (static shapes): that can take over a
@@ -272,7 +274,7 @@ def main(cfg: TrainConfig) -> Path:
                         mask,
                         dims=dims,
                         time_ids=time_ids(batch, cfg.resolution) if dims.sdxl_style else None,
-                        clip_tokens=None if clip is None else clip_tokens(batch["captions"], *clip, device),
+                        clip_tokens=None if clip_encoder is None else clip_tokens(batch, clip_encoder, device),
                         clip_dropout=cfg.clip_dropout,
                         generator=generator,
                         noise_offset=cfg.noise_offset,
@@ -378,7 +380,7 @@ def main(cfg: TrainConfig) -> Path:
                     if lora_params
                     else {}
                 ),
-                **({"condition_mode": cfg.condition_mode, "clip_dropout": cfg.clip_dropout} if clip else {}),
+                **({"condition_mode": cfg.condition_mode, "clip_dropout": cfg.clip_dropout} if clip_encoder else {}),
             },
         )
         if lora_params:
@@ -521,10 +523,10 @@ def batch_latents(batch: dict, vae, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_tokens(captions: list[str], encoder, tokenizer, device) -> torch.Tensor:
-    """The base's CLIP tokens of the captions ([B, 77, width]), as its own pipeline encodes a prompt."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-    return encoder(torch.tensor(ids["input_ids"], device=device))[0]
+def clip_tokens(batch: dict, encoder, device) -> torch.Tensor:
+    """The base's CLIP tokens of the captions ([B, 77, width]) from the ids the loader made, as its own pipeline
+    encodes a prompt."""
+    return encoder(batch["clip_ids"].to(device))[0]
 
 
 def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -547,16 +549,24 @@ def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Te
 
 class TokenizingCollate:
     """:func:`collate`, plus the captions' tokens: as the loader's ``collate_fn`` this tokenizes in its
-    worker processes, off the training process, where it stalled the GPU (~0.2 s a step at batch 512)."""
+    worker processes, off the training process, where it stalled the GPU (~0.2 s a step at batch 512).
 
-    def __init__(self, tokenizer, cfg: TrainConfig):
+    ``tokenizer``: the LLM's (None when the features are cached); ``clip_tokenizer``: the base's CLIP's, for
+    ``--condition_mode ella+clip`` (its ids padded to its 77 tokens, as the pipeline encodes a prompt)."""
+
+    def __init__(self, tokenizer, cfg: TrainConfig, clip_tokenizer=None):
         self.tokenizer, self.max_length, self.flexible = tokenizer, cfg.llm_max_length, cfg.flexible_features
+        self.clip_tokenizer = clip_tokenizer
 
     def __call__(self, samples: list[dict | None]) -> dict:
         batch = collate(samples)
-        if batch["captions"]:
+        if batch["captions"] and self.tokenizer is not None:
             tokens = tokenize(self.tokenizer, batch["captions"], max_length=self.max_length, flexible=self.flexible)
             batch.update(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, token_lengths=tokens.lengths)
+        if batch["captions"] and self.clip_tokenizer is not None:
+            clip = self.clip_tokenizer
+            ids = clip(batch["captions"], padding="max_length", max_length=clip.model_max_length, truncation=True)
+            batch["clip_ids"] = torch.tensor(ids["input_ids"])
         return batch
 
 
