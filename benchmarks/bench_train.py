@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -69,60 +70,42 @@ def build(args, device):
 def plan(args) -> list[tuple[str, dict]]:
     bf16 = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     b = 4 if args.tiny else 64
+    base = dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=True, inputs="cached")
+    cl = dict(base, channels_last=True)
     return [
-        ("naive", dict(batch=b, unet_dtype=torch.float32, channels_last=False, compile_unet=False, inputs="cached")),
-        ("bf16", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=False, inputs="cached")),
-        ("bf16+cl", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=False, inputs="cached")),
-        ("bf16+cl+compile", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached")),
-        (
-            "bf16+cl+compile b128",
-            dict(batch=2 * b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached"),
-        ),
-        ("bf16+cl+compile t5", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="t5")),
-        ("bf16+cl+compile raw", dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="raw")),
-        ("bf16+compile", dict(batch=b, unet_dtype=bf16, channels_last=False, compile_unet=True, inputs="cached")),
-        (
-            "bf16+cl+compile b96",
-            dict(batch=3 * b // 2, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached"),
-        ),
-        (
-            "bf16+cl+compile+fuseqkv",
-            dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached", fuse_qkv=True),
-        ),
-        (
-            "bf16+cl+compile+fuseqkv+tuned",
-            dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached", tuned=True),
-        ),
-        (
-            "bf16+compile+flash+tuned",
-            dict(
-                batch=b,
-                unet_dtype=bf16,
-                channels_last=False,
-                compile_unet=True,
-                inputs="cached",
-                tuned=True,
-                no_cudnn_attention=True,
-            ),
-        ),
+        ("naive", dict(base, unet_dtype=torch.float32, compile_unet=False)),
+        ("bf16", dict(base, compile_unet=False)),
+        ("bf16+cl", dict(cl, compile_unet=False)),
+        ("bf16+cl+compile", cl),
+        ("bf16+cl+compile b128", dict(cl, batch=2 * b)),
+        ("bf16+cl+compile t5", dict(cl, inputs="t5")),
+        ("bf16+cl+compile raw", dict(cl, inputs="raw")),
+        ("bf16+compile", base),  # `ella train --torch_compile` of the first trainer (compile scope: the UNet)
+        ("bf16+cl+compile b96", dict(cl, batch=3 * b // 2)),
+        ("bf16+cl+compile+fuseqkv", dict(cl, fuse_qkv=True)),
+        ("bf16+cl+compile+fuseqkv+tuned", dict(cl, tuned=True)),
+        ("bf16+compile+flash+tuned", dict(base, tuned=True, attention="flash")),
         # `ella train --train_unet_lora 16`: the LoRA's weight gradients come on top (jointly with the connector,
         # and under a frozen connector)
-        (
-            "bf16+cl+compile lora16",
-            dict(batch=b, unet_dtype=bf16, channels_last=True, compile_unet=True, inputs="cached", lora=16),
-        ),
-        (
-            "bf16+cl+compile lora16 frozen-connector",
-            dict(
-                batch=b,
-                unet_dtype=bf16,
-                channels_last=True,
-                compile_unet=True,
-                inputs="cached",
-                lora=16,
-                freeze_connector=True,
-            ),
-        ),
+        ("bf16+cl+compile lora16", dict(cl, lora=16)),
+        ("bf16+cl+compile lora16 frozen-connector", dict(cl, lora=16, freeze_connector=True)),
+        # Training v2 levers (ella.train.speed), each alone on top of "bf16+compile", then together
+        ("step", dict(base, scope="step")),  # --compile_scope step: connector, casts, UNet and loss in one graph
+        ("flash", dict(base, attention="flash")),  # --attention_backend flash (FlashAttention-2 kernels)
+        ("efficient", dict(base, attention="efficient")),  # --attention_backend efficient (CUTLASS kernels)
+        ("pad64", dict(base, pad_heads=64)),  # head dim 40 zero-padded to 64 (exact: the scale stays 1/sqrt(40))
+        ("step+flash", dict(base, scope="step", attention="flash")),
+        ("step+efficient", dict(base, scope="step", attention="efficient")),
+        ("step+cl", dict(cl, scope="step")),  # channels_last: no NCHW<->NHWC conversions around cuDNN's convs
+        ("fp8", dict(base, fp8=True)),  # --fp8_unet: torchao float8 (tensorwise) for the UNet's large linears
+        ("step+fp8", dict(base, scope="step", fp8=True)),
+        ("cudagraphs", dict(base, mode="reduce-overhead")),  # --compile_mode reduce-overhead
+        ("b128", dict(base, batch=2 * b)),
+        ("b128 step", dict(base, batch=2 * b, scope="step")),
+        # 300-step loss curves (same seed, same data, same noise): does a lever change what is learnt?
+        ("curve bf16", dict(base, steps=300)),
+        ("curve fp8", dict(base, fp8=True, steps=300)),
+        ("curve step", dict(base, scope="step", steps=300)),
     ]
 
 
@@ -153,29 +136,37 @@ def run_config(
     inputs,
     fuse_qkv=False,
     tuned=False,
-    no_cudnn_attention=False,
+    attention="auto",
     lora=None,
     freeze_connector=False,
+    scope="unet",
+    mode="default",
+    fp8=False,
+    pad_heads=None,
+    steps=None,
 ):
+    import copy
+
     from accelerate import Accelerator
 
+    from ella.train import speed
     from ella.train.models import Dims, add_unet_lora
     from ella.train.train import diffusion_loss
 
+    torch._dynamo.reset()  # a fresh compile per row: dynamo's cache is keyed on the UNet's code, not on its settings
     unet0, connector0, t5, vae, sched = models
     unet = unet0.to(device, unet_dtype)
-    lora_params = []
-    if lora:  # on a copy: the other rows keep the plain frozen UNet
-        import copy
-
+    if lora or fp8 or pad_heads:  # on a copy: the other rows keep the plain frozen UNet
         unet = copy.deepcopy(unet)
-        lora_params = add_unet_lora(unet, lora, None)
+    lora_params = add_unet_lora(unet, lora, None) if lora else []
+    converted = speed.fp8_unet(unet) if fp8 else []
+    if pad_heads:
+        unet.set_attn_processor(PaddedHeads(pad_heads))
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     if fuse_qkv:
         unet.fuse_qkv_projections()
-    if no_cudnn_attention:  # torch picks cuDNN's SDPA on H100; try the flash-attention-2 kernels instead
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    speed.set_attention_backend(attention)
     if tuned:  # diffusers' recommended inductor settings for SD UNets
         import torch._inductor.config as inductor
 
@@ -183,7 +174,9 @@ def run_config(
         inductor.coordinate_descent_tuning = True
         inductor.epilogue_fusion = False
         inductor.coordinate_descent_check_all_directions = True
-    unet_call = torch.compile(unet, dynamic=False) if compile_unet else unet
+    # the trainer's two compile scopes (ella.train.speed.COMPILE_SCOPES): the UNet alone, or the whole loss
+    unet_call = speed.compiled(unet, mode) if compile_unet and scope == "unet" else unet
+    loss_fn = speed.compiled(diffusion_loss, mode) if compile_unet and scope == "step" else diffusion_loss
     torch.manual_seed(1)
     connector = type(connector0)(**connector0.config).to(device).train()
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type != "cuda")
@@ -201,14 +194,23 @@ def run_config(
     latent = res // 8
     dims = Dims(connector0.config.input_dim, connector0.config.width, None, {})
     gen = torch.Generator(device).manual_seed(0)
-    cached_latents = torch.randn(batch, 4, latent, latent, device=device)
-    cached_feats = torch.randn(batch, 128, connector0.config.input_dim, device=device, dtype=torch.float16)
+    # A fixed little dataset of 8 batches, cycled: the loss curves of the 300-step rows fall as the connector
+    # learns it, and every row reads the same data with the same noise and timesteps (same generator seed).
+    data_gen = torch.Generator(device).manual_seed(1234)
+    n_data = 8
+    cached_latents = torch.randn(n_data, batch, 4, latent, latent, device=device, generator=data_gen)
+    cached_feats = torch.randn(n_data, batch, 128, connector0.config.input_dim, device=device, generator=data_gen).to(
+        torch.float16
+    )
     ids = torch.randint(2, 32000 if not args.tiny else 100, (batch, 128), device=device)
     images = torch.rand(batch, 3, res, res, device=device) * 2 - 1
+    counter = [0]
 
     def step():
-        latents = cached_latents
-        feats = cached_feats
+        i = counter[0] % n_data
+        counter[0] += 1
+        latents = cached_latents[i]
+        feats = cached_feats[i]
         if inputs == "raw":
             with torch.no_grad():
                 latents = vae.encode(images.to(vae.dtype)).latent_dist.mode().float() * 0.18215
@@ -218,12 +220,12 @@ def run_config(
         if channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(connector):
-            loss = diffusion_loss(connector, unet_call, sched, latents, feats, None, dims=dims, generator=gen)
+            loss = loss_fn(connector, unet_call, sched, latents, feats, None, dims=dims, generator=gen)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     def sync():
         if device.type == "cuda":
@@ -232,22 +234,27 @@ def run_config(
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    n_steps = steps or args.steps
+    losses = []
     t0 = time.perf_counter()
     try:
         for _ in range(args.warmup):
-            loss = step()
+            losses.append(step())
         sync()
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step()
+        for _ in range(n_steps):
+            losses.append(step())  # kept on the GPU: reading each one would sync every step
         sync()
     except torch.OutOfMemoryError:
         row = {"config": name, "batch": batch, "inputs": inputs, "error": "out of memory"}
         accelerator.print(json.dumps(row), flush=True)
         return row
+    finally:
+        speed.reset_attention_backend()
     elapsed = time.perf_counter() - t0
-    sps = batch * args.steps / elapsed
+    sps = batch * n_steps / elapsed
+    curve = torch.stack(losses).float().tolist()
     row = {
         "config": name,
         "batch": batch,
@@ -256,16 +263,74 @@ def run_config(
         "samples_per_s": round(sps, 1),
         "total_samples_per_s": round(sps * accelerator.num_processes, 1),
         "mfu": round(sps * UNET_GFLOP_PER_SAMPLE * 1e9 / HOPPER_BF16_PEAK, 4),
-        "step_ms": round(1000 * elapsed / args.steps, 1),
+        "step_ms": round(1000 * elapsed / n_steps, 1),
         "warmup_s": round(warm_s, 1),
         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
-        "loss_finite": bool(torch.isfinite(loss).item()),
+        "loss_finite": all(map(math.isfinite, curve)),
+        "settings": {"scope": scope, "mode": mode, "attention": attention, "fp8_layers": len(converted)},
     }
-    accelerator.print(json.dumps(row), flush=True)
-    if args.profile == name:
+    if args.check_grads:  # is the row's compiled step computing the eager step's gradients?
+        batch0 = (cached_latents[0], cached_feats[0])
+        row["grad_check"] = grad_check(connector, unet, unet_call, loss_fn, sched, *batch0, dims)
+        accelerator.print(json.dumps({"config": name, "grad_check": row["grad_check"]}), flush=True)
+    if steps:  # a loss-curve row: every step's loss, warm-up included (step 1 first)
+        row["losses"] = [round(v, 6) for v in curve]
+    accelerator.print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    if name in args.profile:
         profile_step(step, device)
     unet0.to(memory_format=torch.contiguous_format)
     return row
+
+
+def grad_check(connector, unet, unet_call, loss_fn, sched, latents, feats, dims) -> dict:
+    """The connector's gradients on one batch from the row's step against the plain eager step (same noise and
+    timesteps): a compiler that drops part of the UNet's input gradient shows here as a large relative error."""
+    from ella.train.train import diffusion_loss
+
+    def grads(fn, forward):
+        connector.zero_grad(set_to_none=True)
+        gen = torch.Generator(latents.device).manual_seed(7)
+        loss = fn(connector, forward, sched, latents, feats, None, dims=dims, generator=gen)
+        loss.backward()
+        flat = torch.cat([p.grad.float().flatten() for p in connector.parameters() if p.grad is not None])
+        connector.zero_grad(set_to_none=True)
+        return loss.detach().float(), flat
+
+    loss0, g0 = grads(diffusion_loss, unet)  # eager: the uncompiled loss on the uncompiled UNet
+    loss1, g1 = grads(loss_fn, unet_call)
+    return {
+        "loss_rel_diff": round(((loss1 - loss0).abs() / loss0.abs()).item(), 6),
+        "grad_rel_l2": round(((g1 - g0).norm() / g0.norm()).item(), 6),
+        "grad_cosine": round(torch.nn.functional.cosine_similarity(g0, g1, dim=0).item(), 6),
+    }
+
+
+class PaddedHeads:
+    """SD attention with each head zero-padded to ``multiple`` channels: q·k and the softmax are unchanged by
+    zero columns, the padded output columns are zero and cut off, and the scale is the true 1/sqrt(head dim) —
+    so it computes the same attention, on a head size the kernels have native tiles for (64, not 40)."""
+
+    def __init__(self, multiple: int):
+        self.multiple = multiple
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        import torch.nn.functional as F
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b = hidden_states.shape[0]
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        d = q.shape[-1] // attn.heads
+        q, k, v = (x.view(b, -1, attn.heads, d).transpose(1, 2) for x in (q, k, v))
+        pad = (-d) % self.multiple if d < self.multiple else 0
+        if pad:
+            q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)
+            mask = mask.view(b, attn.heads, -1, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d**-0.5)
+        out = out[..., :d].transpose(1, 2).reshape(b, -1, attn.heads * d)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 def profile_step(step, device) -> None:
@@ -311,7 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", nargs="*", default=None, help="run only these config names")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    p.add_argument("--profile", default=None, help="profile one step of this config")
+    p.add_argument("--profile", nargs="*", default=(), help="profile one step of these configs")
+    p.add_argument("--check-grads", action="store_true", help="compare each row's gradients with the eager step's")
     args = p.parse_args(argv)
     from accelerate import PartialState
 

@@ -176,3 +176,42 @@ def test_generate_model_shapes_warns_about_unknown_words_and_refuses_another_siz
     assert code == 0
     code, _, err = run_cli("generate", "a red circle", "--model", "shapes", "--width", "128", "--out", str(tmp_path))
     assert_refused(code, err, "64")
+
+
+def test_several_minilm_layers_train_a_wider_connector_that_the_pipeline_reads_the_same_way(frozen, tmp_path):
+    """``--llm-layers -1 -4``: the features are MiniLM's hidden states 6 and 3 side by side — the same ones
+    ``ella.text.encode_text(hidden_layer=[-1, -4])`` gives the pipeline at inference — the connector is twice as
+    wide at its input, records its layers, and the evaluation's pipeline reads them back (no flag needed)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from ella.connector import TimestepAwareSemanticConnector
+    from ella.shapes.ship import ella_pipeline
+    from ella.text import encode_text
+
+    layers = (-1, -4)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    data = prepare_data(0, latents, [10, 11], captions_per_scene=2, device=DEVICE, llm_layers=layers)
+    assert data.features.shape == (4, M.LLM_MAX_LENGTH, 2 * M.CROSS_ATTENTION_DIM)
+    llm = AutoModel.from_pretrained(str(M.minilm_path())).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(M.minilm_path()))
+    ref = encode_text(llm, tokenizer, captions_for(0, 10, 2), max_length=M.LLM_MAX_LENGTH, hidden_layer=list(layers))
+    torch.testing.assert_close(data.features[:2].float(), ref.hidden_states.to(torch.bfloat16).float())
+    last = prepare_data(0, latents, [10, 11], captions_per_scene=2, device=DEVICE)
+    assert not torch.equal(data.features[..., : M.CROSS_ATTENTION_DIM], data.features[..., M.CROSS_ATTENTION_DIM :])
+    torch.testing.assert_close(data.features[..., : M.CROSS_ATTENTION_DIM], last.features)  # -1 is the last layer
+
+    plan = ConnectorPlan(variant="tsc", steps=2, batch=2, lr=1e-3, llm_layers=layers)
+    record = train_connector(plan, data, frozen, tmp_path / "wide", device=DEVICE)
+    assert record["llm_layers"] == [-1, -4]
+    connector = TimestepAwareSemanticConnector.from_single_file(tmp_path / "wide" / "ella.safetensors")
+    assert connector.config.input_dim == 2 * M.CROSS_ATTENTION_DIM and connector.config.llm_layers == [-1, -4]
+    pipe = ella_pipeline(PACKAGED, tmp_path / "wide" / "ella.safetensors", device="cpu", dtype=torch.float32)
+    assert pipe.llm_hidden_layer == [-1, -4]
+    image = pipe("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert image.images.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image.images)).all())
+
+
+@pytest.mark.parametrize("layers", [(-1,), (-1, -1), (-1, 7), (-8, -1)])
+def test_llm_layers_outside_minilm_are_refused_in_one_line(tmp_path, layers):
+    with pytest.raises(EllaError, match=r"--llm-layers takes two or more distinct MiniLM hidden-state indices"):
+        Recipe(out=str(tmp_path / "r"), llm_layers=layers).check()

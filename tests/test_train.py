@@ -289,10 +289,11 @@ def test_features_from_loader_workers_equal_the_inference_encoding(tiny_sd, tiny
             assert mask is None and feats.shape[1] == 16
 
 
-def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path, monkeypatch):
-    """8 samples in batches of 3: a compiled UNet (static shapes) must never get the short third batch, which
-    would compile it again; uncompiled runs keep every sample."""
-    sizes = []
+@pytest.mark.parametrize("scope", ["unet", "step"])
+def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path, monkeypatch, scope):
+    """8 samples in batches of 3: a compiled UNet or loss (static shapes) must never get the short third batch,
+    which would compile it again; uncompiled runs keep every sample. Exactly one thing is compiled: the scope's."""
+    sizes, compiled = [], []
 
     class Recorder:  # stands in for the compiled module: records batch sizes, runs the real one
         def __init__(self, module):
@@ -302,11 +303,20 @@ def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path,
             sizes.append(sample.shape[0])
             return self.module(sample, *args, **kwargs)
 
-    def fake_compile(module, **kwargs):
+    def fake_compile(fn, **kwargs):
         assert kwargs.get("dynamic") is False
-        return Recorder(module)
+        compiled.append(fn)
+        if isinstance(fn, torch.nn.Module):
+            return Recorder(fn)
+
+        def loss(connector, unet, scheduler, latents, *args, **kw):  # the compiled diffusion_loss
+            sizes.append(latents.shape[0])
+            return fn(connector, unet, scheduler, latents, *args, **kw)
+
+        return loss
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(train_mod.speed, "compile_allowed", lambda device: True)  # a CPU doesn't compile (see there)
     train_mod.main(
         tiny_config(
             tiny_sd,
@@ -317,9 +327,11 @@ def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path,
             max_train_steps=5,
             checkpointing_steps=5,
             torch_compile=True,
+            compile_scope=scope,
         )
     )
     assert sizes == [3] * 5
+    assert len(compiled) == 1 and (compiled[0] is train_mod.diffusion_loss) == (scope == "step")
     seen = json.loads((tmp_path / "c" / "training.json").read_text())["samples_seen"]
     assert seen == 15
 
@@ -424,6 +436,9 @@ def test_trains_from_cache_without_vae_or_llm(tiny_sd, tiny_t5, folder, tmp_path
         )
         == 0
     )
+    with pytest.raises(EllaError, match=r"--llm_fsdp shards the LLM that runs in the training step, but this cache"):
+        train_mod.main(tiny_config(tiny_sd, tiny_t5, cache, tmp_path / "sharded", llm_fsdp=True))
+    assert "models" not in captured  # refused before any model loaded
     out = train_mod.main(tiny_config(tiny_sd, tiny_t5, cache, tmp_path / "run", max_train_steps=3))
     assert (out / "ella.safetensors").is_file()
     _, vae, llm = captured["models"][:3]
@@ -546,32 +561,54 @@ def train_argv(tiny_sd, tiny_t5, folder: Path, out: Path, steps: int = 3) -> lis
 DIST_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_two_process_ddp_on_cpu(tiny_sd, tiny_t5, folder, tmp_path):
-    """`torchrun --nproc_per_node 2` runs DDP over CPU processes (gloo), each with its own progress file."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_node(tiny_sd, tiny_t5, folder, tmp_path_factory) -> Path:
+    """`torchrun --nproc_per_node 2`: DDP over two CPU processes (gloo), 2 steps; the reference of the runs below."""
+    out = tmp_path_factory.mktemp("one-node") / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     done = subprocess.run(
-        cmd + train_argv(tiny_sd, tiny_t5, folder, out), env=DIST_ENV, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    ranks = [json.loads((out / "checkpoint-3" / f"progress-rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["global_step"] for r in ranks] == [3, 3]
-    assert sum(r["samples_seen"] for r in ranks) == 2 * 2 * 3  # two processes, batch 2 each, 3 steps
-    assert (out / "ella.safetensors").is_file()
-
-
-def test_two_nodes_on_one_host_train_what_one_node_of_two_processes_trains(tiny_sd, tiny_t5, folder, tmp_path):
-    """`torchrun --nnodes 2` (one process each, a localhost rendezvous, gloo): the multi-node recipe of the README.
-    Both nodes finish every step, and the weights equal a one-node, two-process run's bit for bit: the same ranks,
-    the same data shards, the same gradient all-reduce."""
-    one_node = tmp_path / "one-node"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        cmd + train_argv(tiny_sd, tiny_t5, folder, one_node, steps=2), env=DIST_ENV, capture_output=True, text=True,
+        cmd + train_argv(tiny_sd, tiny_t5, folder, out, steps=2), env=DIST_ENV, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    return out
 
+
+def test_two_process_ddp_on_cpu(one_node):
+    """Each process of a DDP run keeps its own progress file, and they add up to the run's samples."""
+    ranks = [json.loads((one_node / "checkpoint-2" / f"progress-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert sum(r["samples_seen"] for r in ranks) == 2 * 2 * 2  # two processes, batch 2 each, 2 steps
+    assert (one_node / "ella.safetensors").is_file()
+
+
+def test_a_sharded_llm_trains_what_a_replicated_one_trains(one_node, tiny_sd, tiny_t5, folder, tmp_path):
+    """`--llm_fsdp`: the frozen LLM's weights sharded over the two processes (FSDP2), its features computed in the
+    step. The memory plan is printed before loading, validation runs the sharded LLM on every process (one PNG),
+    and the connector equals the replicated run's."""
+    out = tmp_path / "sharded"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    extra = ["--llm_fsdp", "--validation_prompts", "a red square", "--validation_steps", "2"]
+    extra += ["--validation_inference_steps", "2"]
+    done = subprocess.run(
+        cmd + train_argv(tiny_sd, tiny_t5, folder, out, steps=2) + extra, env=DIST_ENV, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sharded over 2" in done.stdout
+    assert [p.name for p in (out / "validation").iterdir()] == ["step-0000002.png"]
+    a, b = load_file(one_node / "ella.safetensors"), load_file(out / "ella.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_nodes_on_one_host_train_what_one_node_of_two_processes_trains(
+    one_node, tiny_sd, tiny_t5, folder, tmp_path
+):
+    """`torchrun --nnodes 2` (one process each, a localhost rendezvous, gloo): the multi-node recipe of the README.
+    Both nodes finish every step, and the weights equal a one-node, two-process run's bit for bit: the same ranks,
+    the same data shards, the same gradient all-reduce."""
     two_nodes, port = tmp_path / "two-nodes", _free_port()
 
     def node(rank: int) -> subprocess.Popen:

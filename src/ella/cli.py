@@ -275,9 +275,20 @@ def add_train_parsers(sub) -> None:
         "cache",
         help="precompute VAE latents (and optionally LLM features) for training",
         description="Encode a dataset once so training skips the VAE (and with --features the LLM). "
-        "Point `ella train --train_data_dir` at the output directory. Resumes if interrupted.",
+        "Point `ella train --train_data_dir` at the output directory. A re-run resumes an interrupted job and "
+        "rewrites only missing or damaged shards. Several processes (GPUs) split the shards: "
+        "`torchrun --nproc_per_node N -m ella.cli cache ...` or `accelerate launch -m ella.cli cache ...`; "
+        "the files are the same whatever N.",
     )
     cache.add_argument("--output", required=True, help="cache directory to write")
+    cache.add_argument(
+        "--format",
+        choices=("safetensors", "webdataset"),
+        default="safetensors",
+        help="safetensors (default): random access, so training shuffles exactly per epoch; webdataset: .tar "
+        "shards streamed in a per-epoch shard order, for object stores, slow disks and sets too big for random "
+        "access",
+    )
     for name in ("train_data_dir", "dataset_name"):
         cache.add_argument(f"--{name}", default=None)
     cache.add_argument("--image_column", default="image")
@@ -291,7 +302,12 @@ def add_train_parsers(sub) -> None:
     cache.add_argument("--llm_name_or_path", default=DEFAULT_LLM)
     cache.add_argument("--llm_max_length", type=int, default=DEFAULT_MAX_LENGTH)
     cache.add_argument("--batch_size", type=int, default=16)
-    cache.add_argument("--shard_size", type=int, default=1024, help="samples per shard file")
+    cache.add_argument(
+        "--shard_size",
+        type=int,
+        default=1024,
+        help="source samples per shard (unreadable ones leave it shorter); a tar source keeps one shard per input tar",
+    )
     cache.add_argument("--dataloader_num_workers", type=int, default=2)
     cache.add_argument("--device", default=None)
     cache.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), bfloat16, float32")
@@ -393,7 +409,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from .train.cache import cache_command
 
-    print(cache_command(args))
+    summary = cache_command(args)
+    if summary:  # rank 0 of a multi-process job says it once
+        print(summary)
     return 0
 
 

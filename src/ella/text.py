@@ -151,6 +151,16 @@ def layer_count(hidden_layer: Layers) -> int:
     return len(hidden_layer) if isinstance(hidden_layer, Sequence) else 1
 
 
+def select_hidden_states(out, hidden_layer: Layers) -> torch.Tensor:
+    """The features a connector reads from a model output (run with ``output_hidden_states`` unless
+    ``hidden_layer`` is None): the last hidden state, one layer's, or several layers' side by side."""
+    if hidden_layer is None:
+        return out.last_hidden_state
+    if isinstance(hidden_layer, Sequence):
+        return torch.cat([out.hidden_states[i] for i in hidden_layer], dim=-1)
+    return out.hidden_states[hidden_layer]
+
+
 @torch.no_grad()
 def encode_tokens(model, tokens: Tokens, *, flexible: bool = False, hidden_layer: Layers = None) -> TextFeatures:
     """:class:`Tokens` -> :class:`TextFeatures`, on the device the model computes on (its hooks' under offload).
@@ -164,12 +174,7 @@ def encode_tokens(model, tokens: Tokens, *, flexible: bool = False, hidden_layer
     out = model(
         input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=hidden_layer is not None
     )
-    if hidden_layer is None:
-        states = out.last_hidden_state
-    elif isinstance(hidden_layer, Sequence):
-        states = torch.cat([out.hidden_states[i] for i in hidden_layer], dim=-1)
-    else:
-        states = out.hidden_states[hidden_layer]
+    states = select_hidden_states(out, hidden_layer)
     weights = None if tokens.weights is None else tokens.weights.to(device)
     return TextFeatures(states, mask if flexible else None, weights)
 

@@ -82,7 +82,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     for f in fields(Recipe):
         flag, kind = f"--{f.name.replace('_', '-')}", _flag_type(hints[f.name])
         if kind is tuple:
-            rep.add_argument(flag, nargs="+", default=None, help=f"default: {' '.join(f.default)}")
+            item = typing.get_args(typing.get_args(hints[f.name])[0] if f.default is None else hints[f.name])[0]
+            default = "none" if f.default is None else " ".join(map(str, f.default))
+            rep.add_argument(flag, nargs="+", type=item, default=None, help=f"default: {default}")
         else:
             rep.add_argument(flag, type=kind, default=None, help=f"default: {DEFAULT_HELP.get(f.name, f.default)}")
 
@@ -117,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
         return run_demo_command(args)
     recipe = Recipe.smoke(args.out or "shapes-smoke") if args.smoke else Recipe()
     given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
-    if "variants" in given:
-        given["variants"] = tuple(given["variants"])
+    for name in ("variants", "llm_layers"):
+        if name in given:
+            given[name] = tuple(given[name])
     result = reproduce(replace(recipe, **given), until=args.until)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, say it once
         scores = {k: round(v["overall"], 2) for k, v in result.get("scores", {}).items()}

@@ -36,6 +36,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from ..errors import EllaError
 from ..io import atomic_dir
+from ..text import select_hidden_states
 from ..train.models import Dims
 from ..train.train import diffusion_loss, out_of_time
 from . import models as M
@@ -60,6 +61,7 @@ class ConnectorPlan:
     feature_noise: float = 0.0  # Gaussian noise on the LLM features, in units of their RMS
     init: Path | None = None  # connector weights to continue from (a single safetensors file)
     init_record: dict | None = None  # what ``init`` was trained on: carried into training.json
+    llm_layers: tuple[int, ...] | None = None  # MiniLM layers the features concatenate (None: the last)
 
 
 def log(msg: str) -> None:
@@ -68,13 +70,15 @@ def log(msg: str) -> None:
 
 @torch.no_grad()
 def encode_captions(
-    llm, tokenizer, captions: list[str], device, chunk: int = 2048
+    llm, tokenizer, captions: list[str], device, chunk: int = 2048, llm_layers: tuple[int, ...] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[len(captions), 128, 384]`` bf16 features and their ``[len, 128]`` masks, computed once on ``device``.
+    """``[len(captions), 128, 384 * layers]`` bf16 features and their ``[len, 128]`` masks, computed once on
+    ``device``: MiniLM's last layer, or the ``llm_layers`` side by side (as ``ella.text`` reads them at inference).
 
     Written into one preallocated tensor: concatenating chunks would need twice the memory for a moment."""
     device = torch.device(device)
-    features = torch.empty(len(captions), M.LLM_MAX_LENGTH, M.CROSS_ATTENTION_DIM, dtype=torch.bfloat16, device=device)
+    width = M.CROSS_ATTENTION_DIM * len(llm_layers or (None,))
+    features = torch.empty(len(captions), M.LLM_MAX_LENGTH, width, dtype=torch.bfloat16, device=device)
     masks = torch.empty(len(captions), M.LLM_MAX_LENGTH, dtype=torch.bool, device=device)
     for start in range(0, len(captions), chunk):
         tokens = tokenizer(
@@ -85,7 +89,12 @@ def encode_captions(
             return_tensors="pt",
         ).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = llm(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+            out = llm(
+                input_ids=tokens["input_ids"],
+                attention_mask=tokens["attention_mask"],
+                output_hidden_states=llm_layers is not None,
+            )
+            out = select_hidden_states(out, list(llm_layers) if llm_layers else None)
         features[start : start + len(out)] = out.to(torch.bfloat16)
         masks[start : start + len(out)] = tokens["attention_mask"].bool()
     return features, masks
@@ -114,6 +123,7 @@ def prepare_data(
     device: torch.device,
     rank: int = 0,
     world: int = 1,
+    llm_layers: tuple[int, ...] | None = None,
 ) -> ConnectorData:
     """This process's ``rank::world`` share of the scenes, their captions encoded by MiniLM on ``device``.
 
@@ -129,7 +139,7 @@ def prepare_data(
     objects = torch.tensor([n for _, counts in parts for n in counts], dtype=torch.float)
     llm = AutoModel.from_pretrained(str(M.minilm_path())).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(M.minilm_path()))
-    features, masks = encode_captions(llm, tokenizer, captions, device)
+    features, masks = encode_captions(llm, tokenizer, captions, device, llm_layers=llm_layers)
     seconds = time.perf_counter() - t0
     if rank == 0:
         log(
@@ -205,7 +215,7 @@ def train_connector(
     """Train ``plan.variant`` against the frozen base; write ``out/ella.safetensors`` + ``training.json``."""
     if plan.batch % world:
         raise EllaError(f"connector batch {plan.batch} must divide evenly over {world} processes")
-    connector = M.new_connector(plan.variant, seed=plan.seed)
+    connector = M.new_connector(plan.variant, seed=plan.seed, llm_layers=plan.llm_layers)
     if plan.init is not None:
         connector.load_state_dict({k: v.float() for k, v in load_file(plan.init).items()})
     connector = connector.to(device).train()
@@ -228,6 +238,8 @@ def train_connector(
     training = {"steps": 0, "max_train_steps": plan.steps, "batch": plan.batch, "stopped_by": "steps"}
     if plan.feature_noise:
         training["feature_noise"] = plan.feature_noise
+    if plan.llm_layers:
+        training["llm_layers"] = list(plan.llm_layers)
     if plan.init is not None:
         training["continued_from"] = plan.init_record or {"file": str(plan.init)}
     t_loop = time.perf_counter()

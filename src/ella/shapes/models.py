@@ -27,6 +27,7 @@ from ..connector import TimestepAwareSemanticConnector
 RESOLUTION = 64  # pixels
 WEAK_MAX_LENGTH = 20  # tokens the base's text encoder reads (CLIP: 77 against DPG's ~84)
 LLM_MAX_LENGTH = 128
+MINILM_LAYERS = 6  # all-MiniLM-L6-v2's transformer layers
 CROSS_ATTENTION_DIM = 384  # = MiniLM hidden size: the weak encoder's output feeds the UNet directly
 
 VAE_CONFIG = dict(  # 64x64x3 -> 16x16x4 (f=4): the UNet runs at 16x16, ~16x cheaper than pixel space
@@ -115,9 +116,16 @@ def new_scheduler() -> DDPMScheduler:
     return DDPMScheduler.from_config(SCHEDULER_CONFIG)  # from_config: DDIM-only keys are kept, not passed
 
 
-def new_connector(variant: str = "tsc", seed: int = 0) -> TimestepAwareSemanticConnector:
+def new_connector(
+    variant: str = "tsc", seed: int = 0, llm_layers: tuple[int, ...] | None = None
+) -> TimestepAwareSemanticConnector:
+    """A fresh connector; ``llm_layers`` (several MiniLM layers side by side) widens its input and is recorded
+    in its config, so pipelines read the same layers."""
     torch.manual_seed(seed)
-    return TimestepAwareSemanticConnector(**CONNECTOR_CONFIG, variant=variant)
+    config = dict(CONNECTOR_CONFIG, variant=variant)
+    if llm_layers:
+        config.update(input_dim=CROSS_ATTENTION_DIM * len(llm_layers), llm_layers=list(llm_layers))
+    return TimestepAwareSemanticConnector(**config)
 
 
 def param_count(module: torch.nn.Module) -> int:

@@ -48,6 +48,7 @@ from ..io import atomic_dir, atomic_path, file_in_the_way
 from ..train.cache import write_cache
 from ..train.config import MAX_SEED
 from ..train.data import Augment, open_dataset, read_cache_index
+from ..train.speed import compile_allowed
 from ..train.train import out_of_time
 from . import gpus
 from . import models as M
@@ -101,6 +102,9 @@ class Recipe:
     connector_warmup: int = 0  # linear learning-rate warm-up steps (Adam's moments start empty either way)
     # Gaussian noise added to the LLM features during connector training, in units of their RMS (0 = none).
     feature_noise: float = 0.0
+    # Several MiniLM hidden layers side by side as the connector's input (e.g. -1 -3 -5; hidden state 0 is the
+    # embeddings), as Playground v3 / Lumina read their LLMs; None: the last layer, as the release reads T5.
+    llm_layers: tuple[int, ...] | None = None
     variants: tuple[str, ...] = VARIANTS
     # torch.compile the UNet in the base loop and the trainer; None: on a GPU yes, on a CPU no (compiling
     # there costs more than it saves on a run this size).
@@ -166,6 +170,16 @@ class Recipe:
             raise EllaError(f"unknown connector variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
         if len(set(self.variants)) != len(self.variants):
             raise EllaError(f"--variants names a variant twice: {' '.join(self.variants)}")
+        if self.llm_layers is not None:
+            depth = M.MINILM_LAYERS + 1  # hidden states: the embeddings, then one per layer
+            bad = [
+                i for i in self.llm_layers if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth
+            ]
+            if bad or len(self.llm_layers) < 2 or len(set(self.llm_layers)) != len(self.llm_layers):
+                raise EllaError(
+                    f"--llm-layers takes two or more distinct MiniLM hidden-state indices in [-{depth}, {depth - 1}] "
+                    f"(0 = embeddings, -1 = last layer); got {' '.join(map(str, self.llm_layers))}"
+                )
         if self.connector_init is not None:
             missing = [str(p) for p in self.connector_inits().values() if not p.is_file()]
             if missing:
@@ -188,6 +202,7 @@ class Recipe:
                 "pass --device cuda (or leave it at auto)"
             )
         compile = torch.device(device).type == "cuda" if self.compile is None else self.compile
+        compile = compile and compile_allowed(device)  # never on a CPU (see there)
         return replace(self, device=device, compile=compile)
 
     @property
@@ -530,7 +545,9 @@ def train_connectors(r: Recipe, g: Group, cache: Path, base: Path) -> dict[str, 
     steps = from_main(g, _steps_of_first(r, out))
     latents, keys = cached_latents_and_keys(cache)
     scenes = [int(k.rsplit("/", 1)[-1]) for k in keys]  # "<shard>/0000042" is scene_for(seed, 42)
-    data = prepare_data(r.seed, latents, scenes, r.captions_per_scene, g.device, g.rank, g.world)
+    data = prepare_data(
+        r.seed, latents, scenes, r.captions_per_scene, g.device, g.rank, g.world, llm_layers=r.llm_layers
+    )
     frozen = FrozenBase.load(base, g.device, compile=bool(r.compile))
     for variant in todo:
         deadline = None
@@ -549,6 +566,7 @@ def train_connectors(r: Recipe, g: Group, cache: Path, base: Path) -> dict[str, 
             deadline=deadline,
             warmup=r.connector_warmup,
             feature_noise=r.feature_noise,
+            llm_layers=r.llm_layers,
             **_continued(r, variant),
         )
         if g.main:

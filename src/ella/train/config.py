@@ -92,6 +92,16 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU), no, fp16, bf16
     gradient_checkpointing: bool = False  # through the frozen UNet: less memory, ~30% slower
     torch_compile: bool = False
+    # What --torch_compile compiles (ella.train.speed): `step` = the whole loss (connector, casts, UNet, MSE) in one
+    # graph, `unet` = the frozen UNet's forward alone. And how: `default`, `reduce-overhead` (CUDA graphs),
+    # `max-autotune-no-cudagraphs`.
+    compile_scope: str = "step"
+    compile_mode: str = "default"
+    attention_backend: str = "auto"  # PyTorch SDPA kernel: auto, flash, cudnn, efficient, math
+    fp8_unet: bool = False  # the frozen UNet's large linears in fp8 (torchao float8; Ada/Hopper GPUs)
+    # Shard the frozen LLM's weights over the GPUs of each node (FSDP2, ZeRO-3 style) when it runs in the training
+    # step: a 7B LLM then costs ~13/N GB per GPU instead of 13 (ella.train.sharding; configs/accelerate/).
+    llm_fsdp: bool = False
     allow_tf32: bool = True
     use_ema: bool = False
     ema_decay: float = 0.9999
@@ -171,6 +181,15 @@ class TrainConfig:
                 "--freeze_connector trains only a UNet LoRA under a given connector: add --train_unet_lora RANK "
                 "and --init_connector PATH"
             )
+        from .speed import ATTENTION_BACKENDS, COMPILE_MODES, COMPILE_SCOPES
+
+        for flag, value, allowed in (
+            ("compile_scope", self.compile_scope, COMPILE_SCOPES),
+            ("compile_mode", self.compile_mode, COMPILE_MODES),
+            ("attention_backend", self.attention_backend, ATTENTION_BACKENDS),
+        ):
+            if value not in allowed:
+                raise EllaError(f"--{flag} must be one of {', '.join(allowed)}, got {value!r}")
         if self.resume_from_checkpoint == "":
             raise EllaError("--resume_from_checkpoint needs 'latest' or a checkpoint directory, got ''")
 
@@ -234,6 +253,8 @@ def require_optional_packages(cfg: TrainConfig) -> None:
         wanted.append(("bitsandbytes", "--use_8bit_adam"))
     if cfg.train_unet_lora:
         wanted.append(("peft", "--train_unet_lora"))
+    if cfg.fp8_unet:
+        wanted.append(("torchao", "--fp8_unet"))
     for module, flag in wanted:
         if importlib.util.find_spec(module) is None:
             raise EllaError(f"{flag} needs {module}, which is not installed: pip install {module}")

@@ -1,8 +1,9 @@
 """Training data: image folders, webdataset tar shards, Hugging Face datasets and `ella cache` directories.
 
 Every source yields the same sample dicts, so the trainer never knows where its data came from. The
-cache's *format* (its layout and the reader, :class:`CachedDataset`) lives here with the other kinds;
-``cache.py`` writes it. Two rules hold everywhere:
+cache's *formats* (their layouts and readers: :class:`CachedDataset` for safetensors, random access;
+:class:`CachedTarShards` for webdataset tars, streamed) live here with the other kinds; ``cache.py``
+writes them. Two rules hold everywhere:
 
 * **one bad sample never stops a run** — an undecodable image or a missing caption becomes ``None``,
   which :func:`collate` drops and counts; an empty or misnamed source fails in :func:`open_dataset`,
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,10 +249,13 @@ class TarShards(_Epoch, torch.utils.data.IterableDataset):
         return order[self.rank :: self.world_size][worker::num_workers]
 
     def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        yield from self.samples(self.shards_for(info.id, info.num_workers) if info else self.shards_for())
+
+    def samples(self, shards: list[str]):
+        """The samples (None where unreadable) of ``shards``, in order: ``ella cache`` reads one shard at a time."""
         wds = require("webdataset", "train")  # optional, and slow to import: only tar sources need it
 
-        info = torch.utils.data.get_worker_info()
-        shards = self.shards_for(info.id, info.num_workers) if info else self.shards_for()
         for raw in wds.tariterators.tarfile_samples([{"url": url} for url in shards], handler=_warn_and_continue):
             key = f"{Path(raw['__url__']).stem}/{raw['__key__']}"
             image = next((raw[ext[1:]] for ext in IMAGE_EXTS if ext[1:] in raw), None)
@@ -331,8 +336,14 @@ def _hf_dataset(source: str, split: str, *, local: bool):
 
 # ------------------------------------------------------------------------------ `ella cache` directories
 
-#: The cache layout this version reads (and ``ella cache`` writes); bumped when the layout changes.
-CACHE_VERSION = 1
+#: The cache layout ``ella cache`` writes; bumped when the layout changes. Version 2 added the webdataset
+#: format, per-shard ``skipped``/``bytes`` records and shards cut from fixed slices of the source.
+CACHE_VERSION = 2
+#: Every layout this version reads: a version 1 cache (safetensors, one process) reads as version 2's safetensors.
+CACHE_VERSIONS_READ = (1, 2)
+#: ``safetensors``: random access (exact per-epoch shuffle); ``webdataset``: tar shards read as a stream.
+CACHE_FORMATS = ("safetensors", "webdataset")
+CACHE_SUFFIX = {"safetensors": ".safetensors", "webdataset": ".tar"}
 
 
 def read_cache_index(path: str | os.PathLike) -> dict:
@@ -347,22 +358,89 @@ def read_cache_index(path: str | os.PathLike) -> dict:
         ) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise EllaError(f"{file} is not valid JSON ({err}); re-run `ella cache` into a new directory") from None
-    if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
+    if not isinstance(index, dict) or index.get("version") not in CACHE_VERSIONS_READ:
         raise EllaError(
             f"{file} has cache format version {index.get('version') if isinstance(index, dict) else '?'}"
-            f", this ella reads version {CACHE_VERSION}; re-run `ella cache` into a new directory"
+            f", this ella reads versions {', '.join(map(str, CACHE_VERSIONS_READ))}; re-run `ella cache` "
+            "into a new directory"
+        )
+    if cache_format(index) not in CACHE_FORMATS:
+        raise EllaError(
+            f"{file} has cache format {cache_format(index)!r}, this ella reads {' and '.join(CACHE_FORMATS)}; "
+            "re-run `ella cache` into a new directory"
         )
     return index
 
 
+def cache_format(index: dict) -> str:
+    """``safetensors`` or ``webdataset``; a version 1 index names none (it could only be safetensors)."""
+    return index.get("format", "safetensors")
+
+
+def _check_cache_files(root: Path, index: dict) -> dict[str, torch.Tensor] | None:
+    """Every shard ``cache.json`` lists is there at its recorded size, found before any model loads.
+
+    Returns the empty prompt's features (caption dropout) when the cache holds LLM features, else None.
+    """
+    suffix = CACHE_SUFFIX[cache_format(index)]
+    shards = index["shards"]
+    if sum(s["count"] for s in shards) == 0:
+        raise EllaError(f"no training samples in {root}: the cache is empty")
+    names = [f"{s['name']}{suffix}" for s in shards]
+    if cache_format(index) == "safetensors":
+        names += [f"{s['name']}.json" for s in shards]
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        raise EllaError(
+            f"{root} is missing {missing[0]}"
+            + (f" and {len(missing) - 1} more files" if len(missing) > 1 else "")
+            + "; re-run the same `ella cache` command to rewrite what is missing, or cache into a new directory"
+        )
+    for shard in shards:
+        file = root / f"{shard['name']}{suffix}"
+        if "bytes" in shard and file.stat().st_size != shard["bytes"]:
+            raise EllaError(
+                f"{file} is {file.stat().st_size} bytes, cache.json says {shard['bytes']}: it is truncated or "
+                "damaged; delete it and re-run the same `ella cache` command to rewrite it"
+            )
+    if not index.get("llm"):
+        return None
+    if not (root / "empty.safetensors").is_file():
+        raise EllaError(
+            f"{root} is missing empty.safetensors (the empty prompt's features); re-run the same `ella cache` command"
+        )
+    return load_file(root / "empty.safetensors")
+
+
+def _cached_sample(aug: Augment, epoch: int, key: str, caption: str, get, empty: dict | None) -> dict:
+    """One training sample of a cache, whatever its format; ``get(name)`` reads that tensor of the sample.
+
+    Caption dropout draws like the raw datasets do (the caption-choice draw, then dropout), so a sample
+    dropped in uncached training, in a safetensors cache or in a webdataset cache is dropped in all three.
+    """
+    rng = sample_rng(aug.seed, epoch, key)
+    rng.random()  # the raw datasets' caption-choice draw: dropout decisions match uncached training
+    dropped = rng.random() < aug.caption_dropout
+    sample = {"key": key, "caption": "" if dropped else caption, "latents": get("latents").float()}
+    for name in ("original_size", "crop_top_left"):
+        sample[name] = get(name).long()
+    if empty is not None:
+        if dropped:
+            sample["features"], mask = empty["features"].float(), empty["feature_mask"]
+        else:
+            sample["features"], mask = get("features").float(), get("feature_mask")
+        sample["feature_mask"] = mask.long()
+    return sample
+
+
 class CachedDataset(_Epoch, torch.utils.data.Dataset):
-    """Samples from an `ella cache` directory, read lazily: one ``safe_open`` per shard and worker process.
+    """Samples from a safetensors `ella cache` directory, read lazily: one ``safe_open`` per shard and worker.
 
     Layout of a cache directory::
 
         shard-00000.safetensors  latents [n, C, h, w] fp16, original_size / crop_top_left [n, 2] int64,
                                  and with an LLM: features [n, max_length, D] fp16, feature_mask [n, max_length] uint8
-        shard-00000.json         {"keys": [...], "captions": [...]}
+        shard-00000.json         {"keys": [...], "captions": [...]} (+ what the writer needs to resume)
         empty.safetensors        features + feature_mask of the empty prompt (caption dropout), with an LLM only
         cache.json               the index, written last: its presence means the cache is complete
 
@@ -374,14 +452,11 @@ class CachedDataset(_Epoch, torch.utils.data.Dataset):
     def __init__(self, root: str | os.PathLike, aug: Augment):
         self.root, self.aug = Path(root), aug
         self.index = read_cache_index(root)
+        if cache_format(self.index) != "safetensors":
+            raise EllaError(f"{root} is a {cache_format(self.index)} cache: open it with open_dataset")
         shards = self.index["shards"]
         self.starts = list(itertools.accumulate((s["count"] for s in shards), initial=0))
-        if self.starts[-1] == 0:
-            raise EllaError(f"no training samples in {root}: the cache is empty")
-        for name in (f"{s['name']}.{ext}" for s in shards for ext in ("safetensors", "json")):
-            if not (self.root / name).is_file():
-                raise EllaError(f"{root} is missing {name}; re-run `ella cache` into a new directory")
-        self.empty = load_file(self.root / "empty.safetensors") if self.index.get("llm") else None
+        self.empty = _check_cache_files(self.root, self.index)
         self._files, self._meta, self._pid = {}, {}, None
 
     def __getstate__(self) -> dict:  # open files don't cross into worker processes; each opens its own
@@ -406,24 +481,83 @@ class CachedDataset(_Epoch, torch.utils.data.Dataset):
         s = bisect.bisect_right(self.starts, index) - 1
         j = index - self.starts[s]
         file, meta = self._shard(s)
-        key = meta["keys"][j]
-        rng = sample_rng(self.aug.seed, self.epoch, key)
-        rng.random()  # the raw datasets' caption-choice draw: dropout decisions match uncached training
-        dropped = rng.random() < self.aug.caption_dropout
-        sample = {
-            "key": key,
-            "caption": "" if dropped else meta["captions"][j],
-            "latents": file.get_slice("latents")[j].float(),
-        }
-        for name in ("original_size", "crop_top_left"):
-            sample[name] = file.get_slice(name)[j].long()
-        if self.empty is not None:
-            if dropped:
-                sample["features"], mask = self.empty["features"].float(), self.empty["feature_mask"]
-            else:
-                sample["features"], mask = file.get_slice("features")[j].float(), file.get_slice("feature_mask")[j]
-            sample["feature_mask"] = mask.long()
-        return sample
+        return _cached_sample(
+            self.aug, self.epoch, meta["keys"][j], meta["captions"][j], lambda name: file.get_slice(name)[j], self.empty
+        )
+
+
+class CachedTarShards(TarShards):
+    """Samples from a webdataset `ella cache` directory, streamed shard by shard (an IterableDataset).
+
+    Layout of a cache directory::
+
+        shard-00000.tar     one sample per ``__key__`` (its position in the shard): latents.npy fp16 [C, h, w],
+                            original_size.npy / crop_top_left.npy int64 [2], key.txt, caption.txt, and with an
+                            LLM features.npy fp16 [max_length, D] and feature_mask.npy uint8 [max_length];
+                            arrays written by ``numpy.save(allow_pickle=False)``, so any webdataset reader reads them
+        shard-00000.json    the writer's record of the shard (keys, captions, skipped samples, size); not read here
+        empty.safetensors   features + feature_mask of the empty prompt (caption dropout), with an LLM only
+        cache.json          the index (``"format": "webdataset"``), written last
+
+    Shards are split over ranks and DataLoader workers, in an order shuffled per epoch, exactly as
+    :class:`TarShards` splits raw tar shards; samples keep their order within a shard. The samples are
+    :class:`CachedDataset`'s, key for key, with the same caption dropout.
+    """
+
+    def __init__(self, root: str | os.PathLike, aug: Augment, *, rank: int = 0, world_size: int = 1):
+        self.root = Path(root)
+        self.index = read_cache_index(root)
+        if cache_format(self.index) != "webdataset":
+            raise EllaError(f"{root} is a {cache_format(self.index)} cache: open it with open_dataset")
+        self.empty = _check_cache_files(self.root, self.index)
+        shards = self.index["shards"]
+        if len(shards) < world_size:
+            raise EllaError(
+                f"{root} has {len(shards)} shards, too few for {world_size} processes (each reads whole shards); "
+                "re-run `ella cache` with a smaller --shard_size into a new directory, or train on fewer processes"
+            )
+        self.counts = {str(self.root / f"{s['name']}.tar"): s["count"] for s in shards}
+        super().__init__(list(self.counts), aug, rank=rank, world_size=world_size)
+
+    def samples(self, shards: list[str]):
+        """The samples of ``shards``, in order; a shard that doesn't read to its recorded count is an error."""
+        wds = require("webdataset", "train")  # optional, and slow to import: only tar sources need it
+
+        for url in shards:
+            seen = 0
+            try:
+                for raw in wds.tariterators.tarfile_samples([{"url": url}]):
+                    arrays = {}
+
+                    def get(name: str, raw=raw, arrays=arrays) -> torch.Tensor:
+                        if name not in arrays:
+                            arrays[name] = torch.tensor(np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False))
+                        return arrays[name]
+
+                    key, caption = raw["key.txt"].decode("utf-8"), raw["caption.txt"].decode("utf-8")
+                    sample = _cached_sample(self.aug, self.epoch, key, caption, get, self.empty)
+                    seen += 1
+                    yield sample
+            except (OSError, ValueError, KeyError, EOFError, tarfile.TarError) as err:
+                what = str(err.args[0] if err.args else err).split(" @ ")[0]  # webdataset appends the stream
+                raise EllaError(
+                    f"{url} is damaged ({type(err).__name__}: {what}); delete it and re-run the same "
+                    "`ella cache` command to rewrite it"
+                ) from None
+            if seen != self.counts[url]:
+                raise EllaError(
+                    f"{url} holds {seen} samples but cache.json says {self.counts[url]}: it is truncated or "
+                    "damaged; delete it and re-run the same `ella cache` command to rewrite it"
+                )
+
+
+def open_cache(
+    root: str | os.PathLike, aug: Augment, *, rank: int = 0, world_size: int = 1
+) -> CachedDataset | CachedTarShards:
+    """The reader of the cache directory ``root``, by the format its ``cache.json`` names."""
+    if cache_format(read_cache_index(root)) == "webdataset":
+        return CachedTarShards(root, aug, rank=rank, world_size=world_size)
+    return CachedDataset(root, aug)
 
 
 # ------------------------------------------------------------------------------------- any source
@@ -442,15 +576,15 @@ def open_dataset(
     """The dataset behind ``source``, recognised by what it contains (see the module docstring for the kinds).
 
     An empty source, missing shards or a misnamed column raise :class:`EllaError` here, before any
-    model loads. ``rank``/``world_size`` matter only for tar shards; map-style datasets are split
-    by the trainer's sampler.
+    model loads. ``rank``/``world_size`` matter only for tar shards (raw or a webdataset cache);
+    map-style datasets are split by the trainer's sampler.
     """
     if not source:
         raise EllaError(f"no training data given: {EXPECTED}")
     source = str(source)
     path = Path(source).expanduser()
     if path.is_dir() and (path / "cache.json").is_file():
-        return CachedDataset(path, aug)
+        return open_cache(path, aug, rank=rank, world_size=world_size)
     if source.endswith(".tar"):
         return TarShards(_tar_shards(source), aug, rank=rank, world_size=world_size)
     if path.is_dir():

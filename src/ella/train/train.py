@@ -29,7 +29,9 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from ..errors import EllaError
+from ..llm import llm_config
 from ..text import Tokens, encode_tokens, tokenize, warn_truncated
+from . import speed
 from .checkpoint import (
     Progress,
     check_output_dir,
@@ -44,6 +46,7 @@ from .checkpoint import (
 from .config import TrainConfig, require_optional_packages, require_train_extra
 from .data import Augment, collate, open_dataset
 from .models import Dims, add_unet_lora, encode_latents, load_clip, load_frozen, make_connector, read_dims
+from .sharding import is_sharded, llm_memory_plan, shard_group_size, shard_llm
 from .validation import validation_images
 
 
@@ -82,6 +85,9 @@ def main(cfg: TrainConfig) -> Path:
     if cfg.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.fp8_unet:
+        speed.check_fp8(device)
+    speed.set_attention_backend(cfg.attention_backend)
 
     # ---- Data first: an empty or unreadable dataset is an error before any model loads
     aug = Augment(
@@ -124,6 +130,16 @@ def main(cfg: TrainConfig) -> Path:
             f"but --resolution is {cfg.resolution}"
         )
 
+    fsdp_llm = cfg.llm_fsdp and accelerator.num_processes > 1
+    if cfg.llm_fsdp and cached_llm:
+        raise EllaError(
+            "--llm_fsdp shards the LLM that runs in the training step, but this cache holds its features already: "
+            "drop --llm_fsdp (or train from a cache made without --features)"
+        )
+    if fsdp_llm:  # what sharding saves, from the LLM's config alone, before any weights load
+        group = shard_group_size(accelerator.num_processes)
+        accelerator.print(llm_memory_plan(llm_config(cfg.llm_name_or_path), group, weight_dtype.itemsize).summary())
+
     # ---- Sizes from config files, then the connector; dimension mismatches fail here, in a second
     dims = read_dims(cfg, cached_llm["hidden_size"] if cached_llm else None)
     connector = make_connector(cfg, dims).to(device).train()
@@ -138,6 +154,8 @@ def main(cfg: TrainConfig) -> Path:
             f"uses {vae_scaling(cfg)}: re-run `ella cache` with --pretrained_model_name_or_path "
             f"{cfg.pretrained_model_name_or_path}"
         )
+    if fsdp_llm and llm is not None:  # every process calls it: its forward is now a collective (see sharding.py)
+        llm = shard_llm(llm, device=device)
     clip_encoder, clip_tokenizer = None, None
     if cfg.condition_mode == "ella+clip":
         clip_encoder, clip_tokenizer = load_clip(cfg, dims, weight_dtype, device)
@@ -149,15 +167,21 @@ def main(cfg: TrainConfig) -> Path:
     trainable = [p for p in connector.parameters() if p.requires_grad] + lora_params
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    # Compiling the frozen UNet gives 1.27x the steps per second on a data-centre GPU (benchmarks/RESULTS.md);
-    # channels_last did not help the compiled UNet. Static shapes (dynamic ones crashed inductor's GroupNorm
-    # backward on the shapes world's UNet); so the loader drops an epoch's short last batch when compiling,
-    # which would compile everything once more.
+    if cfg.fp8_unet:
+        speed.fp8_unet(unet)
+    # Compiling gives 1.27x the steps per second on a data-centre GPU, compiling the whole loss rather than the
+    # UNet alone more (benchmarks/RESULTS.md); channels_last did not help. Static shapes (dynamic ones crashed
+    # inductor's GroupNorm backward on the shapes world's UNet); so the loader drops an epoch's short last batch
+    # when compiling, which would compile everything once more.
     unet_train = unet
     if lora_params:  # its LoRA learns: DDP must sync its gradients, and checkpoints keep the LoRA (only)
         register_lora_state_hooks(accelerator, unet)
         unet_train = accelerator.prepare(unet)
-    unet_forward = torch.compile(unet_train, dynamic=False) if cfg.torch_compile else unet_train
+    compiling = cfg.torch_compile and speed.compile_allowed(device)
+    compile_unet = compiling and cfg.compile_scope == "unet"
+    unet_forward = speed.compiled(unet_train, cfg.compile_mode) if compile_unet else unet_train
+    compile_step = compiling and cfg.compile_scope == "step"
+    loss_fn = speed.compiled(diffusion_loss, cfg.compile_mode) if compile_step else diffusion_loss
 
     # ---- Optimizer (AdamW, paper: constant lr, weight decay 0.01), lr schedule, EMA
     optimizer_cls, extra = torch.optim.AdamW, {"fused": device.type == "cuda"}  # fused: one kernel per step
@@ -265,7 +289,7 @@ def main(cfg: TrainConfig) -> Path:
                 with accelerator.accumulate(*learners):
                     latents = batch_latents(batch, vae, device)
                     features, mask = batch_features(batch, llm, cfg, device)
-                    loss = diffusion_loss(
+                    loss = loss_fn(
                         connector,
                         unet_forward,
                         noise_scheduler,
@@ -599,8 +623,11 @@ def tracker_config(cfg: TrainConfig) -> dict:
 def run_validation(
     cfg, accelerator, connector, ema, unet, vae, llm, tokenizer, noise_scheduler, dims, step, weight_dtype
 ) -> None:
-    """Images for the fixed validation prompts (EMA weights if on) → PNG grid + trackers."""
-    if not accelerator.is_main_process:
+    """Images for the fixed validation prompts (EMA weights if on) → PNG grid + trackers.
+
+    The main process draws them while the others wait; with a sharded LLM (``--llm_fsdp``) every process must
+    run the LLM's forward with it (its all-gathers are collectives), so all draw and only the main one writes."""
+    if not accelerator.is_main_process and not (llm is not None and is_sharded(llm)):
         accelerator.wait_for_everyone()
         return
     model = accelerator.unwrap_model(connector)

@@ -64,6 +64,8 @@ def validation_images(
             )
         images.append(out.images[0])
     stacked = np.stack(images)
+    if not accelerator.is_main_process:  # a sharded LLM made every process draw (see run_validation); one writes
+        return None
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
