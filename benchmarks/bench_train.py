@@ -39,6 +39,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_inference import FLAN_T5_XL, SD15_SCHEDULER, SD15_UNET, SD15_VAE, TINY_T5, TINY_UNET, TINY_VAE
 
+#: A 7B-class decoder-only LLM (Llama-2-7B's shape) for the online-features rows: the issue's `--llm_fsdp` case.
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+TINY_LLAMA = dict(LLAMA_7B, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=100)  # fmt: skip
 HOPPER_BF16_PEAK = 989.4e12
 UNET_GFLOP_PER_SAMPLE = 2 * 803  # model FLOPs: forward + input-gradient backward
 
@@ -58,13 +69,20 @@ def build(args, device):
             else {}
         )
     )
-    t5 = vae = None  # built only if a selected configuration reads them (T5-XL init takes a while)
+    t5 = vae = llama = None  # built only if a selected configuration reads them (T5-XL init takes a while)
+    if needs(args, "llm7b"):  # a Llama-2-7B-shaped decoder, random, built on the GPU in bf16 (seconds, not minutes)
+        from transformers import LlamaConfig, LlamaModel
+
+        config = LlamaConfig(**(TINY_LLAMA if args.tiny else LLAMA_7B))
+        with torch.device(device):
+            llama = LlamaModel(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        llama.eval().requires_grad_(False)
     if needs(args, "t5") or needs(args, "raw"):
         t5 = T5EncoderModel(T5Config(**(TINY_T5 if args.tiny else FLAN_T5_XL))).eval().requires_grad_(False)
     if needs(args, "raw"):
         vae = AutoencoderKL(**(TINY_VAE if args.tiny else SD15_VAE)).eval().requires_grad_(False)
     sched = DDPMScheduler.from_config(SD15_SCHEDULER)
-    return unet.eval().requires_grad_(False), connector.to(device), t5, vae, sched
+    return unet.eval().requires_grad_(False), connector.to(device), t5, vae, sched, llama
 
 
 def plan(args) -> list[tuple[str, dict]]:
@@ -102,6 +120,10 @@ def plan(args) -> list[tuple[str, dict]]:
         ("cudagraphs", dict(base, mode="reduce-overhead")),  # --compile_mode reduce-overhead
         ("b128", dict(base, batch=2 * b)),
         ("b128 step", dict(base, batch=2 * b, scope="step")),
+        # A 7B decoder-only LLM's features computed in every step (no cache), replicated or (under torchrun)
+        # sharded over the processes with --llm_fsdp's FSDP2
+        ("step llm7b", dict(base, scope="step", inputs="llm7b")),
+        ("step llm7b fsdp", dict(base, scope="step", inputs="llm7b", fsdp=True)),
         # 300-step loss curves (same seed, same data, same noise): does a lever change what is learnt?
         ("curve bf16", dict(base, steps=300)),
         ("curve fp8", dict(base, fp8=True, steps=300)),
@@ -144,6 +166,7 @@ def run_config(
     fp8=False,
     pad_heads=None,
     steps=None,
+    fsdp=False,
 ):
     import copy
 
@@ -151,10 +174,11 @@ def run_config(
 
     from ella.train import speed
     from ella.train.models import Dims, add_unet_lora
+    from ella.train.sharding import is_sharded, shard_llm
     from ella.train.train import diffusion_loss
 
     torch._dynamo.reset()  # a fresh compile per row: dynamo's cache is keyed on the UNet's code, not on its settings
-    unet0, connector0, t5, vae, sched = models
+    unet0, connector0, t5, vae, sched, llama = models
     unet = unet0.to(device, unet_dtype)
     if lora or fp8 or pad_heads:  # on a copy: the other rows keep the plain frozen UNet
         unet = copy.deepcopy(unet)
@@ -178,7 +202,8 @@ def run_config(
     unet_call = speed.compiled(unet, mode) if compile_unet and scope == "unet" else unet
     loss_fn = speed.compiled(diffusion_loss, mode) if compile_unet and scope == "step" else diffusion_loss
     torch.manual_seed(1)
-    connector = type(connector0)(**connector0.config).to(device).train()
+    llm_width = llama.config.hidden_size if inputs == "llm7b" else connector0.config.input_dim
+    connector = type(connector0)(**{**connector0.config, "input_dim": llm_width}).to(device).train()
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type != "cuda")
     if freeze_connector:
         connector.requires_grad_(False)
@@ -187,9 +212,16 @@ def run_config(
     optimizer = accelerator.prepare(optimizer)
     if not freeze_connector:
         connector = accelerator.prepare(connector)
+    llm = llama if inputs == "llm7b" else t5
     for frozen in (t5, vae):
         if frozen is not None:
             frozen.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if fsdp:  # every process holds 1/N of the LLM's weights; its forward all-gathers one block at a time
+        if accelerator.num_processes == 1:
+            row = {"config": name, "batch": batch, "inputs": inputs, "error": "needs torchrun (several processes)"}
+            accelerator.print(json.dumps(row), flush=True)
+            return row
+        llm = llama if is_sharded(llama) else shard_llm(llama, device=device)  # in place: later rows see it sharded
     res = 64 if args.tiny else 512
     latent = res // 8
     dims = Dims(connector0.config.input_dim, connector0.config.width, None, {})
@@ -214,9 +246,9 @@ def run_config(
         if inputs == "raw":
             with torch.no_grad():
                 latents = vae.encode(images.to(vae.dtype)).latent_dist.mode().float() * 0.18215
-        if inputs in ("t5", "raw"):
+        if inputs in ("t5", "raw", "llm7b"):
             with torch.no_grad():
-                feats = t5(input_ids=ids).last_hidden_state
+                feats = llm(input_ids=ids).last_hidden_state
         if channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(connector):
@@ -269,6 +301,9 @@ def run_config(
         "loss_finite": all(map(math.isfinite, curve)),
         "settings": {"scope": scope, "mode": mode, "attention": attention, "fp8_layers": len(converted)},
     }
+    if inputs == "llm7b":  # what this process stores of the LLM: all of it, or its shard
+        local = (getattr(q, "to_local", lambda q=q: q)() for q in llm.parameters())
+        row["llm_weights_gb_per_process"] = round(sum(t.numel() * t.element_size() for t in local) / 1e9, 2)
     if args.check_grads:  # is the row's compiled step computing the eager step's gradients?
         batch0 = (cached_latents[0], cached_feats[0])
         row["grad_check"] = grad_check(connector, unet, unet_call, loss_fn, sched, *batch0, dims)

@@ -152,3 +152,27 @@ def test_the_cpu_miscompile_that_keeps_a_cpu_from_compiling_is_what_the_warning_
     torch._dynamo.reset()
     with inductor.patch(max_fusion_size=1):  # no kernel fusion: right
         torch.testing.assert_close(input_grad(torch.compile(block, dynamic=False)), eager)
+
+
+def test_the_training_benchmark_runs_its_rows_and_its_gradient_check_sees_an_identical_step(tmp_path):
+    """``benchmarks/bench_train.py --tiny`` (what the GPU calls run, shrunk): an eager row's gradient check compares
+    the step with itself, so it must find no difference; the JSON row carries what RESULTS.md reports."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_train.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train", path)
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        argv = ["--tiny", "--only", "bf16", "--steps", "2", "--warmup", "1", "--check-grads", "--out", str(tmp_path)]
+        assert bench.main(argv) == 0
+    finally:
+        sys.path.remove(str(path.parent))
+    (row,) = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
+    assert row["config"] == "bf16" and row["loss_finite"] and row["samples_per_s"] > 0
+    assert row["grad_check"]["grad_rel_l2"] == 0 and row["grad_check"]["loss_rel_diff"] == 0
+    assert row["grad_check"]["grad_cosine"] == pytest.approx(1.0, abs=1e-5)
