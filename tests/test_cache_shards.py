@@ -265,6 +265,23 @@ def test_the_reader_gives_every_sample_once_per_epoch_and_drops_captions_as_the_
         assert sorted(seen) == everything  # each sample exactly once over 2 ranks x 2 workers
     assert len(orders) > 2  # the shard order follows the epoch
 
+    def stream(epoch: int) -> list[str]:  # one reader, the whole cache, in the order training would see it
+        data = open_dataset(str(caches / "webdataset"), RAW)
+        data.set_epoch(epoch)
+        return [s["key"] for s in data]
+
+    first = stream(0)
+    assert stream(0) == first  # seeded: a resumed run re-reads the epoch in the same order
+    streams = {tuple(stream(e)) for e in range(6)}
+    shard_of = {k: i for i, shard in enumerate(json.loads((caches / "webdataset" / "cache.json").read_text())["shards"])
+                for k in json.loads((caches / "webdataset" / f"{shard['name']}.json").read_text())["keys"]}  # fmt: skip
+
+    # within the stream samples move, not just whole shards: some epoch has two samples of one shard swapped
+    def within_shard_pairs(order):
+        return {(a, b) for i, a in enumerate(order) for b in order[i + 1 :] if shard_of[a] == shard_of[b]}
+
+    assert len({frozenset(within_shard_pairs(o)) for o in streams}) > 1
+
     half = Augment(resolution=R, caption_dropout=0.5, seed=7)
     safet, streamed = open_dataset(str(caches / "safetensors"), half), open_dataset(str(caches / "webdataset"), half)
     empty = safet.empty["features"].float()

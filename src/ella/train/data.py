@@ -227,8 +227,16 @@ class TarShards(_Epoch, torch.utils.data.IterableDataset):
 
     Each epoch shuffles the shard order with an RNG seeded by (seed, epoch) — the same on every
     rank — then gives rank ``r`` the shards ``i % world_size == r`` and splits those among the
-    DataLoader's workers, so no two readers ever see the same shard.
+    DataLoader's workers, so no two readers ever see the same shard. Within the stream, samples pass
+    through webdataset's shuffle buffer, seeded by (seed, epoch, rank, worker): without it a shard's
+    samples would meet the same neighbours in the same batches every epoch. Seeded, so a resumed run
+    (which re-reads the epoch up to where it stopped) sees the same order.
     """
+
+    #: Samples the shuffle buffer holds (it starts yielding once it holds ``SHUFFLE_INITIAL``). A cached
+    #: sample with T5-XL features is ~0.5 MB, so this is ~32 MB per loader worker.
+    SHUFFLE_BUFFER = 64
+    SHUFFLE_INITIAL = 16
 
     def __init__(self, shards: list[str], aug: Augment, *, rank: int = 0, world_size: int = 1):
         if len(shards) < world_size:
@@ -249,8 +257,12 @@ class TarShards(_Epoch, torch.utils.data.IterableDataset):
         return order[self.rank :: self.world_size][worker::num_workers]
 
     def __iter__(self):
+        wds = require("webdataset", "train")
         info = torch.utils.data.get_worker_info()
-        yield from self.samples(self.shards_for(info.id, info.num_workers) if info else self.shards_for())
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        seed = f"samples:{self.aug.seed}:{self.epoch}:{self.rank}:{worker}"
+        shuffle = wds.filters.shuffle(self.SHUFFLE_BUFFER, self.SHUFFLE_INITIAL, seed=seed)
+        yield from shuffle(self.samples(self.shards_for(worker, workers)))
 
     def samples(self, shards: list[str]):
         """The samples (None where unreadable) of ``shards``, in order: ``ella cache`` reads one shard at a time."""
