@@ -82,7 +82,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     for f in fields(Recipe):
         flag, kind = f"--{f.name.replace('_', '-')}", _flag_type(hints[f.name])
         if kind is tuple:
-            item = typing.get_args(typing.get_args(hints[f.name])[0] if f.default is None else hints[f.name])[0]
+            item = typing.get_args(_required(hints[f.name]))[0]  # tuple[int, ...] -> int
             default = "none" if f.default is None else " ".join(map(str, f.default))
             rep.add_argument(flag, nargs="+", type=item, default=None, help=f"default: {default}")
         else:
@@ -99,11 +99,17 @@ DEFAULT_HELP = {
 
 def _flag_type(hint) -> typing.Callable[[str], object] | type:
     """The parser for a Recipe field's annotation (``bool | None`` -> true/false, ``float | None`` -> float ...)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
-    (kind,) = args
+    kind = _required(hint)
     if typing.get_origin(kind) is tuple:
         return tuple
     return _yes_no if kind is bool else kind
+
+
+def _required(hint):
+    """``X | None`` -> ``X``; any other annotation as it is."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    (kind,) = args
+    return kind
 
 
 def _yes_no(text: str) -> bool:
@@ -119,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
         return run_demo_command(args)
     recipe = Recipe.smoke(args.out or "shapes-smoke") if args.smoke else Recipe()
     given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
-    for name in ("variants", "llm_layers"):
-        if name in given:
+    hints = typing.get_type_hints(Recipe)
+    for name in given:
+        if _flag_type(hints[name]) is tuple:  # argparse gives lists
             given[name] = tuple(given[name])
     result = reproduce(replace(recipe, **given), until=args.until)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, say it once

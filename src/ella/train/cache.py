@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..errors import EllaError, require
 from ..hub import SINGLE_FILE_SUFFIXES, check_offline, loading
 from ..io import atomic_path
 from ..llm import load_llm
-from ..text import PromptTruncatedWarning, encode_text
+from ..text import encode_tokens, tokenize
 from .checkpoint import writable_dir
 from .config import MAX_SEED, require_train_extra
 from .data import (
@@ -318,16 +317,13 @@ def _clear_leftovers(out: Path, rank: int, world_size: int) -> None:
 def _features(llm, tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Fixed-length features (as the release computes them), the tokenizer's mask, and which captions were cut.
 
-    encode_text's per-prompt truncation warnings would flood a large run; they are counted instead.
+    One tokenization gives all three (ids, mask, untruncated lengths). No per-prompt truncation warning
+    (``encode_text``'s would flood a large run): the cut captions are counted instead.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PromptTruncatedWarning)
-        states = encode_text(llm, tokenizer, captions, max_length=max_length).hidden_states
-    mask = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")[
-        "attention_mask"
-    ]
-    cut = [len(ids) > max_length for ids in tokenizer(captions)["input_ids"]]
-    return states.to(torch.float16).cpu(), mask.to(torch.uint8), cut
+    tokens = tokenize(tokenizer, captions, max_length=max_length)
+    states = encode_tokens(llm, tokens).hidden_states
+    cut = [n > max_length for n in tokens.lengths]
+    return states.to(torch.float16).cpu(), tokens.attention_mask.to(torch.uint8), cut
 
 
 def write_cache(
