@@ -3,6 +3,8 @@ conversion touches only what it should, and the attention-kernel switch is exact
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -121,6 +123,13 @@ def test_a_cpu_never_compiles_and_says_why():
     with pytest.warns(UserWarning, match=r"--torch_compile is ignored on a CPU: .* wrong gradients"):
         assert speed.compile_allowed("cpu") is False
     assert speed.compile_allowed(torch.device("cuda", 0)) is True  # a device, not a check of this machine's GPUs
+    # the trainer's default (None): a GPU compiles, a CPU quietly doesn't; asked for, a CPU says why it won't
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert speed.resolve_compile(None, "cuda") is True and speed.resolve_compile(None, "cpu") is False
+        assert speed.resolve_compile(False, "cuda") is False and speed.resolve_compile(True, "cuda:1") is True
+    with pytest.warns(UserWarning, match=r"--torch_compile is ignored on a CPU"):
+        assert speed.resolve_compile(True, "cpu") is False
 
 
 def test_the_cpu_miscompile_that_keeps_a_cpu_from_compiling_is_what_the_warning_says():

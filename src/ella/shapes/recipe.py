@@ -48,7 +48,7 @@ from ..io import atomic_dir, atomic_path, file_in_the_way
 from ..train.cache import write_cache
 from ..train.config import MAX_SEED
 from ..train.data import Augment, open_dataset, read_cache_index
-from ..train.speed import compile_allowed
+from ..train.speed import resolve_compile
 from ..train.train import out_of_time
 from . import gpus
 from . import models as M
@@ -201,9 +201,7 @@ class Recipe:
                 f"--device {device}: under a launcher each process takes its own GPU (LOCAL_RANK); "
                 "pass --device cuda (or leave it at auto)"
             )
-        compile = torch.device(device).type == "cuda" if self.compile is None else self.compile
-        compile = compile and compile_allowed(device)  # never on a CPU (see there)
-        return replace(self, device=device, compile=compile)
+        return replace(self, device=device, compile=resolve_compile(self.compile, device))
 
     @property
     def root(self) -> Path:

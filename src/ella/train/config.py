@@ -91,7 +91,8 @@ class TrainConfig:
     use_8bit_adam: bool = False  # bitsandbytes
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU), no, fp16, bf16
     gradient_checkpointing: bool = False  # through the frozen UNet: less memory, ~30% slower
-    torch_compile: bool = False
+    # None: compile on a GPU (the fastest step that keeps the eager gradients, benchmarks/RESULTS.md), not on a CPU
+    torch_compile: bool | None = None
     # What --torch_compile compiles (ella.train.speed): `step` = the whole loss (connector, casts, UNet, MSE) in one
     # graph, `unet` = the frozen UNet's forward alone. And how: `default`, `reduce-overhead` (CUDA graphs),
     # `max-autotune-no-cudagraphs`.
@@ -280,13 +281,17 @@ def _field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
     return hint, optional, False
 
 
+#: Fields whose default (None) is decided by the device the run gets, as `--help` says it.
+_DEVICE_DEFAULTS = {"torch_compile": "on a GPU (the whole step compiled), off on a CPU"}
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--name`` per field; defaults are suppressed so we can tell a given flag from a default."""
     parser.add_argument("--config", help="YAML file with any of these keys (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         kind, optional, is_list = _field_type(f)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        help_text = f"default: {default!r}"
+        help_text = f"default: {_DEVICE_DEFAULTS.get(f.name, repr(default))}"
         if kind is bool:
             parser.add_argument(
                 f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text

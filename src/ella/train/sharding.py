@@ -180,7 +180,27 @@ def _end_of_forward(module: nn.Module, args: tuple, output: object) -> None:
     only at the end of a backward. The LLM never gets one, so without this the list grows by one entry per
     block per step for the whole run.
     """
-    module.reset_iter_state()
+    reset = getattr(module, "reset_iter_state", None)  # public from torch 2.13
+    if reset is not None:
+        reset()
+    else:
+        _forget_forward_order(module)
+
+
+def _forget_forward_order(root: nn.Module) -> None:
+    """What ``reset_iter_state`` clears of a forward's records, for a torch without it (2.11 on the GPU
+    machines): the shared forward order and each unit's indices into it (one param group per unit before
+    per-parameter meshes, a list of them after)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    fully_shard.state(root)._comm_ctx.post_forward_order.clear()
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            state = fully_shard.state(module)
+            groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+            for group in groups:
+                if group is not None:
+                    group._post_forward_indices.clear()
 
 
 def shard_llm(

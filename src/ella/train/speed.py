@@ -117,6 +117,15 @@ def compile_allowed(device: torch.device | str) -> bool:
     return False
 
 
+def resolve_compile(requested: bool | None, device: torch.device | str) -> bool:
+    """Whether a run compiles: ``None`` (the default) compiles on a GPU, where the compiled step is the fastest
+    setting that keeps the eager step's gradients (benchmarks/RESULTS.md), and stays eager elsewhere without a
+    word; ``True`` asks for it (and hears why a CPU refuses); ``False`` never compiles."""
+    if requested is None:
+        return torch.device(device).type == "cuda"
+    return requested and compile_allowed(device)
+
+
 def compiled(fn: Callable, mode: str = "default") -> Callable:
     """``torch.compile`` with static shapes (dynamic ones crashed inductor's GroupNorm backward on a small UNet;
     the loader drops an epoch's short last batch so nothing recompiles)."""

@@ -177,7 +177,7 @@ def main(cfg: TrainConfig) -> Path:
     if lora_params:  # its LoRA learns: DDP must sync its gradients, and checkpoints keep the LoRA (only)
         register_lora_state_hooks(accelerator, unet)
         unet_train = accelerator.prepare(unet)
-    compiling = cfg.torch_compile and speed.compile_allowed(device)
+    compiling = speed.resolve_compile(cfg.torch_compile, device)
     compile_unet = compiling and cfg.compile_scope == "unet"
     unet_forward = speed.compiled(unet_train, cfg.compile_mode) if compile_unet else unet_train
     compile_step = compiling and cfg.compile_scope == "step"
@@ -220,7 +220,7 @@ def main(cfg: TrainConfig) -> Path:
         pin_memory=device.type == "cuda",
         # A short last batch would make the compiled UNet compile again (static shapes): that can take over a
         # minute when several runs compile at once, long enough to push a time-limited run past its deadline.
-        drop_last=cfg.torch_compile
+        drop_last=compiling
         and not isinstance(dataset, torch.utils.data.IterableDataset)
         and len(dataset) >= cfg.train_batch_size * accelerator.num_processes,
     )
@@ -288,7 +288,7 @@ def main(cfg: TrainConfig) -> Path:
                 generator.manual_seed(noise_seed(cfg.seed, accelerator.process_index, progress.micro_steps))
                 with accelerator.accumulate(*learners):
                     latents = batch_latents(batch, vae, device)
-                    features, mask = batch_features(batch, llm, cfg, device)
+                    features, mask = batch_features(batch, llm, cfg, device, static=compiling)
                     loss = loss_fn(
                         connector,
                         unet_forward,
@@ -553,8 +553,11 @@ def clip_tokens(batch: dict, encoder, device) -> torch.Tensor:
     return encoder(batch["clip_ids"].to(device))[0]
 
 
-def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LLM features of the captions (already "" where dropped): cached, or computed now with the frozen LLM."""
+def batch_features(
+    batch: dict, llm, cfg: TrainConfig, device, static: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LLM features of the captions (already "" where dropped): cached, or computed now with the frozen LLM;
+    ``static`` (a compiled step) pads token-aligned features to ``llm_max_length``."""
     if "features" in batch:
         mask = batch["feature_mask"].to(device)
         return batch["features"].to(device), mask if cfg.flexible_features else None
@@ -563,7 +566,7 @@ def batch_features(batch: dict, llm, cfg: TrainConfig, device) -> tuple[torch.Te
     warn_truncated(batch["captions"], tokens, cfg.llm_max_length)
     out = encode_tokens(llm, tokens, flexible=flexible, hidden_layer=cfg.layers)
     states, mask = out.hidden_states, out.attention_mask
-    if flexible and cfg.torch_compile:
+    if flexible and static:
         # The MLP's tokens follow the text, so its batches are as long as their longest caption; a compiled
         # UNet gets them padded to llm_max_length instead, masked, so the loss is the same but shapes static.
         extra = cfg.llm_max_length - states.shape[1]
