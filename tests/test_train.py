@@ -316,7 +316,8 @@ def test_compiled_runs_see_only_full_batches(tiny_sd, tiny_t5, folder, tmp_path,
         return loss
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(train_mod.speed, "compile_allowed", lambda device: True)  # a CPU doesn't compile (see there)
+    # a CPU doesn't compile (see there): here it is told to
+    monkeypatch.setattr(train_mod.speed, "resolve_compile", lambda requested, device: bool(requested))
     train_mod.main(
         tiny_config(
             tiny_sd,

@@ -121,19 +121,19 @@ def test_the_whole_loss_captured_as_one_graph_gives_the_eager_loss_and_gradients
 
 def test_a_cpu_never_compiles_and_says_why():
     with pytest.warns(UserWarning, match=r"--torch_compile is ignored on a CPU: .* wrong gradients"):
-        assert speed.compile_allowed("cpu") is False
-    assert speed.compile_allowed(torch.device("cuda", 0)) is True  # a device, not a check of this machine's GPUs
-    # the trainer's default (None): a GPU compiles, a CPU quietly doesn't; asked for, a CPU says why it won't
+        assert speed.resolve_compile(True, "cpu") is False
+    # a device, not a check of this machine's GPUs
+    assert speed.resolve_compile(True, torch.device("cuda", 0)) is True
+    # the trainer's default (None): a GPU compiles, a CPU quietly doesn't; off is off without a word
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert speed.resolve_compile(None, "cuda") is True and speed.resolve_compile(None, "cpu") is False
-        assert speed.resolve_compile(False, "cuda") is False and speed.resolve_compile(True, "cuda:1") is True
-    with pytest.warns(UserWarning, match=r"--torch_compile is ignored on a CPU"):
-        assert speed.resolve_compile(True, "cpu") is False
+        assert speed.resolve_compile(False, "cuda") is False and speed.resolve_compile(False, "cpu") is False
+        assert speed.resolve_compile(True, "cuda:1") is True
 
 
 def test_the_cpu_miscompile_that_keeps_a_cpu_from_compiling_is_what_the_warning_says():
-    """Why :func:`speed.compile_allowed` refuses CPUs, kept honest: on this torch, inductor's CPU kernels give the
+    """Why :func:`speed.resolve_compile` refuses CPUs, kept honest: on this torch, inductor's CPU kernels give the
     input gradient through SD's ResnetBlock2D -> Upsample2D as zeros (the forward is right), and disabling kernel
     fusion fixes it. When a torch release fixes the miscompile this test fails: then let CPUs compile again."""
     import torch._inductor.config as inductor

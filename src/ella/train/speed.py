@@ -102,28 +102,23 @@ def fp8_unet(unet: torch.nn.Module, recipe: str = "tensorwise") -> list[str]:
     return converted
 
 
-def compile_allowed(device: torch.device | str) -> bool:
-    """Whether ``--torch_compile`` may compile on ``device``: not on a CPU, where it is slower anyway and where
-    inductor's C++ kernels miscompile SD's UNet backward (torch 2.13: the input gradient through a ResnetBlock2D
-    followed by an Upsample2D comes out as zeros, so a connector would train on part of its gradient;
-    reproduced by tests/test_train_speed.py, fixed by disabling kernel fusion). Warns and returns False there."""
-    if torch.device(device).type != "cpu":
-        return True
-    warnings.warn(
-        "--torch_compile is ignored on a CPU: it is slower there, and inductor's CPU kernels give wrong gradients "
-        "through SD's UNet (zeros after an upsampler); training runs eagerly",
-        stacklevel=2,
-    )
-    return False
-
-
 def resolve_compile(requested: bool | None, device: torch.device | str) -> bool:
     """Whether a run compiles: ``None`` (the default) compiles on a GPU, where the compiled step is the fastest
     setting that keeps the eager step's gradients (benchmarks/RESULTS.md), and stays eager elsewhere without a
-    word; ``True`` asks for it (and hears why a CPU refuses); ``False`` never compiles."""
+    word; ``False`` never compiles; ``True`` compiles anywhere but on a CPU, where it warns and runs eagerly:
+    it is slower there, and inductor's C++ kernels miscompile SD's UNet backward (torch 2.13: the input gradient
+    through a ResnetBlock2D followed by an Upsample2D comes out as zeros, so a connector would train on part of
+    its gradient; reproduced by tests/test_train_speed.py, fixed by disabling kernel fusion)."""
     if requested is None:
         return torch.device(device).type == "cuda"
-    return requested and compile_allowed(device)
+    if requested and torch.device(device).type == "cpu":
+        warnings.warn(
+            "--torch_compile is ignored on a CPU: it is slower there, and inductor's CPU kernels give wrong "
+            "gradients through SD's UNet (zeros after an upsampler); training runs eagerly",
+            stacklevel=2,
+        )
+        return False
+    return requested
 
 
 def compiled(fn: Callable, mode: str = "default") -> Callable:
